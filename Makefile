@@ -1,0 +1,35 @@
+# The README contract: `make run` and `make test` work on a fresh machine of this kind.
+# Both create the environment when it is missing (system dataset package, venv, CPU torch, project).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines take the CPU wheel of torch 2.13.0; GPU clusters set TORCH_SPEC to their CUDA build
+# (or TORCH_SPEC= to keep the torch already installed).
+TORCH_SPEC ?= torch==2.13.0
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export HF_HUB_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup run test lint clean
+setup: $(VENV)/.installed
+
+$(FASHION_MNIST)/train-images-idx3-ubyte.gz:
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist
+
+$(VENV)/.installed: pyproject.toml | $(FASHION_MNIST)/train-images-idx3-ubyte.gz
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+run: setup
+	$(VENV)/bin/cdm run --out outputs/run
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean:
+	rm -rf outputs .pytest_cache

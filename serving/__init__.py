@@ -1,0 +1,1 @@
+"""Ray Serve deployment of distilled students (arrives with the serving issue)."""

@@ -1,0 +1,1 @@
+"""The jobs around cdm_core: config, CLI, teacher/evaluator training, evaluation, distillation."""

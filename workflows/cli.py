@@ -1,0 +1,252 @@
+"""The ``cdm`` command line.
+
+    cdm run                                    # the main job on the embedded default
+    cdm teacher train --config teacher-tiny    # train the built-in teacher
+    cdm evaluator train                        # train the evaluator's feature network
+    cdm eval MODEL_DIR --steps 4               # score any model folder
+    cdm sample MODEL_DIR --prompt "a photo of a sneaker" --out sneaker.png
+
+Every command has ``--help`` with examples. Bad input ends with one ``error:`` line naming the problem.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+app = typer.Typer(help="CDM few-step distillation platform.", no_args_is_help=True, add_completion=False,
+                  rich_markup_mode="markdown")
+teacher_app = typer.Typer(help="The built-in teacher.", no_args_is_help=True)
+evaluator_app = typer.Typer(help="The evaluator's feature network.", no_args_is_help=True)
+app.add_typer(teacher_app, name="teacher")
+app.add_typer(evaluator_app, name="evaluator")
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+
+
+def _command_line() -> str:
+    return "cdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def user_errors(fn):
+    """Turn known bad-input errors into one ``error:`` line and exit code 2 (set CDM_DEBUG=1 for traces)."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except USER_ERRORS as e:
+            if os.environ.get("CDM_DEBUG"):
+                raise
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _threads() -> None:
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@teacher_app.command("train")
+@user_errors
+def teacher_train(
+    config: str = typer.Option("teacher-tiny", help="preset name under configs/ or a YAML path"),
+    out: Path = typer.Option(Path("outputs/teacher-tiny"), help="output folder (checkpoint.pt + model/)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. --set steps=1000"),
+    dry_run: bool = typer.Option(False, help="print the resolved config and exit"),
+):
+    """Train the built-in teacher (rectified flow on Fashion-MNIST, CFG dropout, EMA).
+
+    Examples:
+
+        cdm teacher train --out outputs/teacher
+        cdm teacher train --set device=cuda --set max_minutes=4 --out outputs/teacher
+
+    Resume: run the same command again.
+    """
+    from workflows.config import TeacherTrainConfig, load_config
+
+    cfg = load_config(TeacherTrainConfig, config, set_)
+    if dry_run:
+        typer.echo(cfg.model_dump_json(indent=2))
+        return
+    _threads()
+    from workflows.teacher import train_teacher
+
+    folder = train_teacher(cfg, out, command=_command_line())
+    typer.echo(f"teacher model folder: {folder}")
+
+
+@evaluator_app.command("train")
+@user_errors
+def evaluator_train(
+    out: Path = typer.Option(Path("outputs/evaluator"), help="output folder"),
+    epochs: int = typer.Option(4, min=1, max=100),
+    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0, min=0),
+):
+    """Train the evaluator CNN on the training split; reference statistics from the test split.
+
+    Example:
+
+        cdm evaluator train --out workflows/assets/evaluator --epochs 4
+    """
+    _threads()
+    from workflows.evaluator import train_evaluator
+
+    train_evaluator(out, epochs=epochs, device=device, seed=seed, command=_command_line())
+
+
+def _parse_seeds(seeds: str) -> list[int]:
+    try:
+        out = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {seeds!r}") from None
+    if not out:
+        raise ValueError("--seeds: at least one seed is needed")
+    return out
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., help="model folder (diffusers format, transformer/ inside)"),
+    steps: int = typer.Option(4, help="Euler steps"),
+    guidance: float = typer.Option(1.0, help="CFG scale (1 = none, 1 NFE per step)"),
+    shift: Optional[float] = typer.Option(None, help="time shift (default: the model's scheduler)"),
+    n_samples: int = typer.Option(5000, help="samples per seed; FD depends on it"),
+    seeds: str = typer.Option("0,1,2", help="comma-separated evaluation seeds"),
+    reference_steps: int = typer.Option(100, help="teacher steps for mse_to_teacher100 (0 = skip)"),
+    batch_size: int = typer.Option(500),
+    device: str = typer.Option("cpu"),
+    teacher: Optional[Path] = typer.Option(None, help="teacher folder for mse_to_teacher100"),
+    evaluator: Optional[Path] = typer.Option(None, help="evaluator folder"),
+    out: Path = typer.Option(Path("outputs/eval"), help="writes eval.json and grid.png here"),
+):
+    """Sample a model folder with a sampler spec and score it (FD, adherence, P/R, detail, MSE).
+
+    Examples:
+
+        cdm eval workflows/assets/teacher-tiny --steps 4 --out outputs/eval-t4
+        cdm eval outputs/student --steps 4 --n-samples 5000 --seeds 0,1,2 --device cuda
+    """
+    from workflows.config import DEFAULT_EVALUATOR, DEFAULT_TEACHER, EvalConfig, build
+    from workflows.evaluation import evaluate_folder
+
+    cfg = build(EvalConfig, dict(steps=steps, guidance=guidance, shift=shift, n_samples=n_samples,
+                                 seeds=_parse_seeds(seeds), batch_size=batch_size,
+                                 reference_steps=reference_steps, device=device))
+    _threads()
+    res = evaluate_folder(model_dir, cfg, out, teacher or DEFAULT_TEACHER, evaluator or DEFAULT_EVALUATOR)
+    _print_result(res)
+
+
+def _print_result(res: dict) -> None:
+    from rich.table import Table
+
+    from workflows.evaluation import METRICS
+    from workflows.progress import console
+
+    t = Table(title=f"{res['model']}  steps={res['steps']} guidance={res['guidance']} N={res['n_samples']}")
+    t.add_column("metric")
+    t.add_column("mean ± std over seeds")
+    for k in METRICS:
+        if k in res:
+            t.add_row(k, f"{res[k]['mean']:.4f} ± {res[k]['std']:.4f}")
+    t.add_row("s/image", f"{res['s_per_image']:.5f}")
+    console.print(t)
+    if "outputs" in res:
+        console.print(f"outputs: {res['outputs']['json']}  {res['outputs']['grid']}")
+
+
+@app.command("sample")
+@user_errors
+def sample_cmd(
+    model_dir: Path = typer.Argument(..., help="model folder"),
+    prompt: list[str] = typer.Option(..., help="prompt (repeat for several)"),
+    n: int = typer.Option(8, min=1, max=256, help="images per prompt"),
+    steps: int = typer.Option(4, min=1, max=1000),
+    guidance: float = typer.Option(1.0, min=0.0, max=30.0),
+    seed: int = typer.Option(0, min=0),
+    out: Path = typer.Option(Path("outputs/sample.png")),
+):
+    """Generate a PNG grid (one row per prompt) from a model folder.
+
+    Example:
+
+        cdm sample workflows/assets/teacher-tiny --prompt "a photo of a sneaker" --steps 28
+    """
+    import torch
+
+    from cdm_core.models.sd3 import SD3Velocity
+    from cdm_core.sampling import sample_euler
+    from cdm_core.schedule import inference_levels
+    from workflows.embeddings import empty_prompt, encode_prompts
+    from workflows.evaluation import save_grid
+    from workflows.model_folder import load_transformer, read_meta
+
+    for p in prompt:
+        if not p.strip():
+            raise ValueError("--prompt: empty prompt")
+    meta = read_meta(model_dir)
+    model = load_transformer(model_dir)
+    cond = encode_prompts(prompt)
+    rows = torch.arange(len(prompt)).repeat_interleave(n)
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((rows.numel(), meta.channels, meta.image_size, meta.image_size), generator=g)
+    x = sample_euler(SD3Velocity(model), noise, inference_levels(steps, meta.shift), cond.index(rows),
+                     empty_prompt().expand(rows.numel()), guidance)
+    save_grid(x, out, nrow=n)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("run")
+@user_errors
+def run_cmd(
+    out: Path = typer.Option(Path("outputs/run"), help="output folder"),
+    n_samples: int = typer.Option(1000, help="samples per seed for the quick evaluation"),
+    seeds: str = typer.Option("0", help="evaluation seeds"),
+):
+    """The main job on the embedded default.
+
+    At this stage of the project: sample the built-in teacher at 28 and 4 Euler steps and evaluate both
+    with the built-in evaluator (the distillation pipeline will replace this).
+
+    Example:
+
+        cdm run --out outputs/run
+    """
+    from workflows.config import DEFAULT_TEACHER, EvalConfig, build
+    from workflows.evaluation import evaluate_folder
+
+    _threads()
+    results = {}
+    for steps in (28, 4):
+        cfg = build(EvalConfig, dict(steps=steps, n_samples=n_samples, seeds=_parse_seeds(seeds),
+                                     reference_steps=0))
+        res = evaluate_folder(DEFAULT_TEACHER, cfg, out / f"teacher-{steps}steps")
+        _print_result(res)
+        results[steps] = res
+    typer.echo(f"outputs: {out.resolve()}")
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

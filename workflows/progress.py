@@ -1,0 +1,25 @@
+"""Progress lines for long jobs: step, rate, ETA and the metrics passed in (works in logs, not only TTYs)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+
+console = Console(highlight=False)
+
+
+class StepLogger:
+    def __init__(self, total: int, label: str, every: int = 100, start: int = 0):
+        self.total, self.label, self.every = total, label, max(1, every)
+        self.start_step, self.t0 = start, time.time()
+
+    def __call__(self, step: int, **metrics: float) -> None:
+        if step % self.every and step != self.total:
+            return
+        done = step - self.start_step
+        el = time.time() - self.t0
+        rate = done / el if el > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        parts = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+        console.print(f"[bold]{self.label}[/] {step}/{self.total} {parts} {rate:.2f} it/s eta {eta:.0f}s")

@@ -1,0 +1,146 @@
+"""``cdm teacher train``: the built-in teacher, rectified flow on Fashion-MNIST with prompt dropout.
+
+    cdm teacher train --config teacher-tiny --out outputs/teacher-tiny            # CPU
+    cdm teacher train --config teacher-tiny --set device=cuda --out outputs/t     # one GPU
+
+Objective: ``x_t = (1-t) x0 + t eps``, regress ``v(x_t, t, c)`` on ``eps - x0``; with probability
+``cfg_dropout`` the prompt is replaced by the empty prompt's embedding so CFG works at sampling time.
+The EMA weights are exported as a diffusers folder. Resume = run the same command again (the job
+keeps ``checkpoint.pt`` in its output folder).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from cdm_core.ema import EMA
+from cdm_core.flow import flow_matching_loss
+from cdm_core.models.sd3 import SD3Velocity, tiny_sd3_config
+from workflows.config import TeacherTrainConfig
+from workflows.embeddings import encode_prompts
+from workflows.fashion_mnist import load_split
+from workflows.model_folder import ModelMeta, load_transformer, save_model_folder
+from workflows.progress import StepLogger, console
+from workflows.prompts import TRAIN_TEMPLATES, train_prompts
+
+
+def _sample_t(n: int, kind: str, device) -> torch.Tensor:
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, device=device))
+    return torch.rand(n, device=device)
+
+
+def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "") -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    images, labels = load_split("train", cfg.data_dir)
+    images, labels = images.to(dev), labels.to(dev)
+    prompts = train_prompts()
+    table = encode_prompts([p for p, _ in prompts] + [""]).to(dev)
+    cond_table, empty = table.index(slice(0, -1)), table.index(slice(-1, None))
+    n_tmpl = len(TRAIN_TEMPLATES)
+
+    from diffusers import SD3Transformer2DModel
+
+    model = SD3Transformer2DModel(**tiny_sd3_config(**cfg.model.model_dump()))
+    if cfg.init_from:
+        init = load_transformer(cfg.init_from)
+        if init.config.sample_size != model.config.sample_size or init.config.num_layers != model.config.num_layers:
+            raise ValueError(f"init_from: {cfg.init_from} has another shape than model.* of this config")
+        model.load_state_dict(init.state_dict())
+        console.print(f"teacher: initialised from {cfg.init_from}")
+    model = model.to(dev).train()
+    ema = EMA(model, cfg.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, cfg.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, k / cfg.steps)))
+    )
+    v_fn = SD3Velocity(model)
+
+    step = 0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location=dev, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng_cpu"])
+        if dev.type == "cuda" and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        step = state["step"]
+        console.print(f"resuming teacher training from {ckpt} at step {step}")
+
+    def save_ckpt() -> None:
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None,
+                "step": step,
+                "config": cfg.model_dump(mode="json"),
+            },
+            tmp,
+        )
+        tmp.replace(ckpt)
+
+    log = StepLogger(cfg.steps, "teacher", cfg.log_every, start=step)
+    t0 = time.time()
+    b = cfg.batch_size
+    loss_avg = float("nan")
+    while step < cfg.steps:
+        idx = torch.randint(0, images.shape[0], (b,), device=dev)
+        x0, lab = images[idx], labels[idx]
+        tmpl = torch.randint(0, n_tmpl, (b,), device=dev)
+        cond = cond_table.index(lab * n_tmpl + tmpl)
+        drop = torch.rand(b, device=dev) < cfg.cfg_dropout
+        cond = cond.where(drop, empty.expand(b))
+        t = _sample_t(b, cfg.time_sampling, dev)
+        eps = torch.randn_like(x0)
+        loss = flow_matching_loss(v_fn, x0, eps, t, cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(model)
+        step += 1
+        lv = float(loss.detach())
+        loss_avg = lv if math.isnan(loss_avg) else 0.98 * loss_avg + 0.02 * lv
+        log(step, loss=loss_avg, lr=sched.get_last_lr()[0])
+        timed_out = cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or timed_out:
+            save_ckpt()
+        if timed_out:
+            console.print(f"teacher: stopping at step {step} (max_minutes={cfg.max_minutes})")
+            break
+
+    meta = ModelMeta(
+        shift=cfg.shift,
+        provenance={
+            "trained_by": "cdm teacher train",
+            "command": command,
+            "steps_done": step,
+            "config": cfg.model_dump(mode="json"),
+            "final_loss_ema": loss_avg,
+            "wall_s": round(time.time() - t0, 1),
+            "device": str(dev),
+        },
+    )
+    folder = save_model_folder(ema.shadow.cpu(), out / "model", meta)
+    console.print(f"teacher: EMA weights exported to {folder}")
+    return folder
