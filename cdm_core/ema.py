@@ -23,12 +23,14 @@ class EMA:
         self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> float:
+    def update(self, model) -> float:
+        """Move the shadow toward ``model`` (a module, or anything with ``parameters()``)."""
         d = ema_decay(self.num_updates, self.decay)
         for s, p in zip(self.shadow.parameters(), model.parameters()):
             s.lerp_(p.detach().to(s.dtype), 1.0 - d)
-        for s, b in zip(self.shadow.buffers(), model.buffers()):
-            s.copy_(b)
+        if isinstance(model, torch.nn.Module):
+            for s, b in zip(self.shadow.buffers(), model.buffers()):
+                s.copy_(b)
         self.num_updates += 1
         return d
 

@@ -7,6 +7,8 @@ of SD3 artifacts).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from cdm_core.flow import shift_time
@@ -23,3 +25,49 @@ def inference_levels(steps: int, shift: float = 3.0, dtype: torch.dtype = torch.
     s = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1]
     sig = shift_time(s, shift)
     return torch.cat([sig, torch.zeros(1, dtype=torch.float64)]).to(dtype)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Anchor levels of one iteration: ``sigmas`` (N+1,) decreasing from 1 to a terminal 0.
+
+    ``sigmas[:N]`` are the N anchors the student may be trained at; ``n`` = N.
+    """
+
+    sigmas: torch.Tensor
+    n: int
+    kind: str
+
+
+def schedule_seed(seed: int, step: int) -> int:
+    """Integer seed of iteration ``step``, identical on every rank (so every rank draws the same N)."""
+    return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**62)
+
+
+def dynamic_schedule(step_seed: int, n_max: int, s_min: float = 0.25, s_max: float = 0.95,
+                     shift: float = 3.0) -> Schedule:
+    """CDM's dynamic continuous schedule.
+
+    ``N ~ U{1..n_max}``; ``s = [1] + sorted_desc(U(s_min, s_max) for N-1 draws)``; shift; append 0.
+    """
+    if n_max < 1:
+        raise ValueError(f"n_max must be >= 1, got {n_max}")
+    if not 0.0 < s_min < s_max < 1.0:
+        raise ValueError(f"need 0 < s_min < s_max < 1, got {s_min}, {s_max}")
+    g = torch.Generator().manual_seed(step_seed)
+    n = int(torch.randint(1, n_max + 1, (1,), generator=g))
+    draws = s_min + (s_max - s_min) * torch.rand(n - 1, generator=g, dtype=torch.float64)
+    s = torch.cat([torch.ones(1, dtype=torch.float64), draws.sort(descending=True).values])
+    sig = torch.cat([shift_time(s, shift), torch.zeros(1, dtype=torch.float64)])
+    return Schedule(sig.float(), n, "dynamic")
+
+
+def fixed_schedule(steps: int = 4, shift: float = 3.0) -> Schedule:
+    """DMD2-style fixed discrete anchors: the student's own inference levels (4 steps: [1, .9, .75, .5])."""
+    sig = inference_levels(steps, shift)
+    return Schedule(sig, steps, "fixed")
+
+
+def pick_anchors(schedule: Schedule, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """One anchor index ``i ~ U{0..N-1}`` per sample, shape (batch,), int64 on CPU."""
+    return torch.randint(0, schedule.n, (batch,), generator=generator)

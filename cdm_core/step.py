@@ -1,0 +1,176 @@
+"""One CDM iteration: schedule -> backward simulation -> fake step (+ blend) -> every ``update_ratio``-th
+iteration a student step (CA + DM + CDM) and the student EMA update.
+
+Every ablation of CDM_SPEC.md is a field of :class:`CDMConfig` on this one code path:
+``schedule`` fixed | dynamic; ``use_ca/use_dm/use_cdm``; ``off_trajectory`` velocity | gaussian;
+``target`` local | final; ``n_max``; ``alpha``; ``update_ratio``; the loss weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Literal
+
+import torch
+
+from cdm_core.conditioning import Cond
+from cdm_core.ema import EMA
+from cdm_core.flow import VelocityFn, euler_step, interpolate, x0_from_velocity
+from cdm_core.losses import ca_loss, dm_loss, fake_loss
+from cdm_core.rollout import backward_simulation
+from cdm_core.schedule import Schedule, dynamic_schedule, fixed_schedule, pick_anchors, schedule_seed
+from cdm_core.trainable import Trainable, blend_parameters
+
+
+@dataclass(frozen=True)
+class CDMConfig:
+    """The algorithm's knobs; defaults are the spec's SD3 values."""
+
+    schedule: Literal["dynamic", "fixed"] = "dynamic"
+    n_max: int = 28
+    s_min: float = 0.25
+    s_max: float = 0.95
+    shift: float = 3.0
+    fixed_steps: int = 4
+    use_ca: bool = True
+    use_dm: bool = True
+    use_cdm: bool = True
+    w_ca: float = 1.0
+    w_dm: float = 1.0
+    w_cdm: float = 1.0
+    alpha: float = 7.0
+    off_trajectory: Literal["velocity", "gaussian"] = "velocity"
+    target: Literal["local", "final"] = "local"
+    tau_min: float = 0.02
+    tau_max: float = 0.98
+    norm_floor: float = 0.1
+    update_ratio: int = 2
+    fake_blend: float | None = 0.999
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.schedule not in ("dynamic", "fixed"):
+            raise ValueError(f"schedule must be dynamic or fixed, got {self.schedule!r}")
+        if self.off_trajectory not in ("velocity", "gaussian"):
+            raise ValueError(f"off_trajectory must be velocity or gaussian, got {self.off_trajectory!r}")
+        if self.target not in ("local", "final"):
+            raise ValueError(f"target must be local or final, got {self.target!r}")
+        if self.n_max < 1 or self.update_ratio < 1 or self.fixed_steps < 1:
+            raise ValueError("n_max, update_ratio and fixed_steps must be >= 1")
+        if not 0.0 < self.tau_min < self.tau_max < 1.0:
+            raise ValueError("need 0 < tau_min < tau_max < 1")
+        if not (self.use_ca or self.use_dm or self.use_cdm):
+            raise ValueError("at least one of use_ca, use_dm, use_cdm must be on")
+        if self.alpha < 0:
+            raise ValueError("alpha must be >= 0")
+        if self.fake_blend is not None and not 0.0 <= self.fake_blend <= 1.0:
+            raise ValueError("fake_blend must be in [0, 1] or None")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Per-(seed, rank, step) seed of the noise draws (different on each rank, reproducible)."""
+    return (int(seed) * 1_000_003 + int(rank) * 999_983 + int(step) * 7_919 + 777) % (2**62)
+
+
+@dataclass
+class StepResult:
+    iteration: int
+    n: int
+    student_updated: bool
+    metrics: dict[str, float]
+
+
+class CDMStep:
+    """Drives student, fake teacher and real teacher through one iteration at a time.
+
+    student, fake: :class:`Trainable`; real: velocity callable of the frozen teacher; ema: the student's
+    EMA (or None); ``blend`` and ``ema_update`` can be replaced where parameters are partitioned
+    (ZeRO-3) and must be gathered first.
+    """
+
+    def __init__(self, cfg: CDMConfig, student: Trainable, fake: Trainable, real: VelocityFn,
+                 ema: EMA | None = None, rank: int = 0,
+                 blend: Callable[[Trainable, Trainable, float], None] | None = None,
+                 ema_update: Callable[[EMA, Trainable], None] | None = None):
+        self.cfg, self.student, self.fake, self.real, self.ema, self.rank = cfg, student, fake, real, ema, rank
+        self.blend = blend or (lambda f, s, d: blend_parameters(f.parameters(), s.parameters(), d))
+        self.ema_update = ema_update or (lambda e, s: e.update(s))
+        self.student_steps = 0
+
+    def schedule(self, iteration: int) -> Schedule:
+        c = self.cfg
+        if c.schedule == "fixed":
+            return fixed_schedule(c.fixed_steps, c.shift)
+        return dynamic_schedule(schedule_seed(c.seed, iteration), c.n_max, c.s_min, c.s_max, c.shift)
+
+    def _uniform(self, b: int, g: torch.Generator, device, lo: float | torch.Tensor = None, hi=None) -> torch.Tensor:
+        lo = self.cfg.tau_min if lo is None else lo
+        hi = self.cfg.tau_max if hi is None else hi
+        return lo + (hi - lo) * torch.rand(b, generator=g, device=device)
+
+    def __call__(self, iteration: int, cond: Cond, uncond: Cond, shape: tuple[int, ...],
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StepResult:
+        c = self.cfg
+        b = shape[0]
+        g = torch.Generator(device=device).manual_seed(rank_seed(c.seed, self.rank, iteration))
+        g_cpu = torch.Generator().manual_seed(rank_seed(c.seed, self.rank, iteration))
+        randn = lambda: torch.randn(shape, generator=g, device=device, dtype=dtype)  # noqa: E731
+        sched = self.schedule(iteration)
+        anchors = pick_anchors(sched, b, g_cpu)
+        need_final = c.use_cdm and c.target == "final"
+        roll = backward_simulation(self.student.velocity, randn(), sched.sigmas, anchors, cond, need_final)
+        m: dict[str, float] = {"schedule/n": float(sched.n), "schedule/t_mean": float(roll.t.mean()),
+                               "nfe/rollout": float(roll.nfe)}
+
+        # fake teacher: denoise the student's current samples; then blend toward the student
+        lf = fake_loss(self.fake.velocity, roll.x0_hat, randn(), self._uniform(b, g, device), cond)
+        r = self.fake.apply(lf.loss)
+        m.update(lf.log("fake"))
+        m["grad_norm/fake"], m["skipped/fake"] = r.grad_norm, float(r.skipped)
+        if c.fake_blend is not None:
+            self.blend(self.fake, self.student, c.fake_blend)
+
+        update = (iteration + 1) % c.update_ratio == 0
+        if update:
+            m.update(self._student_step(roll, cond, uncond, b, g, device, randn))
+        return StepResult(iteration, sched.n, update, m)
+
+    def _student_step(self, roll, cond, uncond, b, g, device, randn) -> dict[str, float]:
+        c = self.cfg
+        m: dict[str, float] = {}
+        x, t, v_roll = roll.x, roll.t, roll.v
+        total = torch.zeros((), device=x.device)
+        if c.use_ca or c.use_dm:
+            x0_hat = x0_from_velocity(x, t, self.student.velocity(x, t, cond))
+            if c.use_ca:
+                tau = self._uniform(b, g, device, 0.0, t).clamp(c.tau_min, c.tau_max)
+                la = ca_loss(x0_hat, self.real, cond, uncond, randn(), tau, c.alpha, c.norm_floor)
+                total = total + c.w_ca * la.loss
+                m.update(la.log("ca"))
+            if c.use_dm:
+                ld = dm_loss(x0_hat, self.real, self.fake.velocity, cond, randn(), self._uniform(b, g, device),
+                             floor=c.norm_floor)
+                total = total + c.w_dm * ld.loss
+                m.update(ld.log("dm"))
+        if c.use_cdm:
+            t_off = self._uniform(b, g, device)
+            if c.off_trajectory == "velocity":
+                x_off = euler_step(x, t, t_off, v_roll)  # x + (t' - t) v_roll, no gradient
+            else:
+                x_off = interpolate(roll.x0_hat, randn(), t_off)
+            x0_off = x0_from_velocity(x_off, t_off, self.student.velocity(x_off, t_off, cond))
+            anchor = roll.final_x0_hat if c.target == "final" else None
+            lc = dm_loss(x0_off, self.real, self.fake.velocity, cond, randn(), self._uniform(b, g, device),
+                         anchor=anchor, floor=c.norm_floor)
+            total = total + c.w_cdm * lc.loss
+            m.update(lc.log("cdm"))
+        r = self.student.apply(total)
+        m["loss/student"] = float(total.detach())
+        m["grad_norm/student"], m["skipped/student"] = r.grad_norm, float(r.skipped)
+        if self.ema is not None:
+            m["ema/decay"] = self.ema_update(self.ema, self.student) or self.ema.decay
+        self.student_steps += 1
+        return m
