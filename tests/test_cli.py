@@ -15,11 +15,12 @@ def run(*args, timeout=300):
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("run", "eval", "sample", "teacher", "evaluator"):
+    for cmd in ("run", "eval", "sample", "teacher", "evaluator", "distill"):
         assert cmd in out.stdout
 
 
-@pytest.mark.parametrize("cmd", [["run"], ["eval"], ["sample"], ["teacher", "train"], ["evaluator", "train"]])
+@pytest.mark.parametrize("cmd", [["run"], ["eval"], ["sample"], ["teacher", "train"], ["evaluator", "train"],
+                                 ["distill"]])
 def test_every_command_has_help_with_examples(cmd):
     out = run(*cmd, "--help")
     assert out.returncode == 0, out.stderr

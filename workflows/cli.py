@@ -214,6 +214,46 @@ def sample_cmd(
     typer.echo(f"wrote {out}")
 
 
+@app.command("distill")
+@user_errors
+def distill_cmd(
+    config: str = typer.Option("tiny", help="preset name under configs/ or a YAML path"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. --set train.student_steps=500"),
+    dry_run: bool = typer.Option(False, help="print the resolved config, job key and resources, then exit"),
+):
+    """Distill a teacher into a 4-step student with CDM on Ray Train + DeepSpeed; lineage in MLflow.
+
+    Examples:
+
+        cdm distill --config tiny
+        cdm distill --config tiny --set scaling.num_workers=4 --set deepspeed.zero_stage=3
+        ray job submit --working-dir . -- cdm distill --config tiny
+
+    Resume: run the same command again (same config = same job key = same checkpoints and MLflow run).
+    """
+    import json
+
+    from workflows.config import load_config
+    from workflows.distill import job_key, load_prompts, resources, run_distill, teacher_path
+    from workflows.distill_config import DistillConfig
+    from workflows.lineage import tracking_uri
+
+    cfg = load_config(DistillConfig, config, set_)
+    teacher = teacher_path(cfg)
+    n_prompts = len(load_prompts(cfg))
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    if dry_run:
+        typer.echo(cfg.model_dump_json(indent=2))
+        typer.echo(json.dumps({"job_key": job_key(cfg), "teacher": str(teacher), "prompts": n_prompts,
+                               "storage": str(Path(cfg.storage_path).resolve() / job_key(cfg)),
+                               "tracking_uri": uri, "resources": resources(cfg)}, indent=2))
+        return
+    summary = run_distill(cfg, command=_command_line())
+    from workflows.progress import console
+
+    console.print_json(json.dumps(summary))
+
+
 @app.command("run")
 @user_errors
 def run_cmd(

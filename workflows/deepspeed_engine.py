@@ -1,0 +1,109 @@
+"""DeepSpeed engines behind cdm_core's :class:`~cdm_core.trainable.Trainable` protocol.
+
+``deepspeed.initialize`` reuses the process group Ray Train set up (gloo on CPU, NCCL on GPU). ZeRO
+stage 2 keeps full parameters on every rank (the EMA and the fake->student blend read them directly);
+under stage 3 parameters are partitioned, so those two gather them first. On CPU: fp32 and torch AdamW
+(DeepSpeed's fused/CPU Adam JIT-compile for a minute); on GPU: bf16.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from cdm_core.ema import EMA
+from cdm_core.models.sd3 import SD3Velocity
+from cdm_core.trainable import ApplyResult
+
+
+def ds_config(batch_per_worker: int, zero_stage: int, precision: str, max_grad_norm: float, use_gpu: bool) -> dict:
+    bf16 = precision == "bf16" or (precision == "auto" and use_gpu)
+    cfg = {
+        "train_micro_batch_size_per_gpu": batch_per_worker,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": {"stage": zero_stage},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if zero_stage == 3:
+        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+    return cfg
+
+
+class DeepSpeedTrainable:
+    """``velocity``/``parameters``/``apply`` over a DeepSpeed engine.
+
+    ``apply``: a non-finite loss on any rank turns into a zero loss on every rank (all ranks must run the
+    same collectives), then ``engine.backward`` and ``engine.step`` (clipping is in the DS config).
+    """
+
+    def __init__(self, engine, zero_stage: int):
+        self.engine = engine
+        self.zero_stage = zero_stage
+        self._v = SD3Velocity(engine)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def velocity(self, x_t, t, cond):
+        return self._v(x_t, t, cond)
+
+    def parameters(self):
+        return self.engine.module.parameters()
+
+    def apply(self, loss: torch.Tensor) -> ApplyResult:
+        ok = torch.isfinite(loss.detach()).float().reshape(1)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        skipped = bool(ok.item() < 1)
+        if skipped:
+            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+        self.engine.backward(loss)
+        self.engine.step()
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn) if gn is not None else float("nan")
+        return ApplyResult(gn, skipped)
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Full parameters inside the block (a no-op below ZeRO-3)."""
+        if self.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None):
+                yield
+        else:
+            yield
+
+
+def blend(fake: DeepSpeedTrainable, student: DeepSpeedTrainable, decay: float) -> None:
+    """``phi <- decay phi + (1 - decay) theta`` on full parameters (gathered under ZeRO-3)."""
+    if fake.zero_stage == 3:
+        import deepspeed
+
+        with student.gathered(), deepspeed.zero.GatheredParameters(list(fake.engine.module.parameters()),
+                                                                    modifier_rank=0):
+            _lerp(fake, student, decay)
+    else:
+        _lerp(fake, student, decay)
+
+
+@torch.no_grad()
+def _lerp(fake, student, decay):
+    for p_f, p_s in zip(fake.engine.module.parameters(), student.engine.module.parameters()):
+        p_f.lerp_(p_s.detach().to(p_f.dtype), 1.0 - decay)
+
+
+def ema_update(ema: EMA, student: DeepSpeedTrainable) -> float:
+    with student.gathered():
+        return ema.update(student.engine.module)
+
+
+def full_state_dict(trainable: DeepSpeedTrainable) -> dict:
+    """CPU copy of the full (gathered) weights."""
+    with trainable.gathered():
+        return {k: v.detach().float().cpu().clone() for k, v in trainable.engine.module.state_dict().items()}

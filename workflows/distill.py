@@ -1,0 +1,270 @@
+"""``cdm distill``: a CDM distillation job on Ray Train with DeepSpeed ZeRO and MLflow lineage.
+
+    cdm distill --config tiny                                   # local Ray (started when RAY_ADDRESS is unset)
+    cdm distill --config tiny --set scaling.num_workers=4 --set deepspeed.zero_stage=3
+    ray job submit --working-dir . -- cdm distill --config tiny  # against a running cluster
+    cdm distill --config tiny --dry-run                         # resolved config, job key, resources
+
+Resume = run the same command again: the job key (name + config hash) finds the checkpoints under
+``storage_path/<job key>`` and the MLflow run tagged with it. Steps: prompt embeddings (Ray Data,
+cached per teacher) -> TorchTrainer (workers in ``workflows.train_worker``) -> export the EMA student
+as a diffusers folder -> evaluate -> register a model version with lineage tags and metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from workflows import lineage
+from workflows.config import DEFAULT_TEACHER, EvalConfig, build, config_hash, flatten
+from workflows.distill_config import DistillConfig
+from workflows.model_folder import ModelMeta, check_model_folder, read_meta, save_model_folder
+from workflows.progress import console
+
+MAX_PROMPT_CHARS = 1000
+
+
+def teacher_path(cfg: DistillConfig) -> Path:
+    p = DEFAULT_TEACHER if cfg.teacher == "builtin" else Path(cfg.teacher).expanduser().resolve()
+    try:
+        return check_model_folder(p)
+    except ValueError as e:
+        raise ValueError(f"teacher: {e}") from None
+
+
+def load_prompts(cfg: DistillConfig) -> list[str]:
+    if cfg.prompts == "builtin":
+        from workflows.prompts import train_prompts
+
+        return [p for p, _ in train_prompts()]
+    path = Path(cfg.prompts).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts: {path} is not a file (one prompt per line)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"prompts: {path} is not UTF-8 text") from None
+    prompts = [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        raise ValueError(f"prompts: {path} holds no prompt")
+    long = [i + 1 for i, ln in enumerate(lines) if len(ln) > MAX_PROMPT_CHARS]
+    if long:
+        raise ValueError(f"prompts: {path} line {long[0]} is longer than {MAX_PROMPT_CHARS} characters")
+    return prompts
+
+
+def job_key(cfg: DistillConfig) -> str:
+    return f"{cfg.name}-{config_hash(cfg)[:10]}"
+
+
+def resources(cfg: DistillConfig) -> dict:
+    s = cfg.scaling
+    per = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.resources_per_worker}
+    return {"workers": s.num_workers, "per_worker": per, "total": {k: v * s.num_workers for k, v in per.items()}}
+
+
+def scaling_config(cfg: DistillConfig):
+    from ray.train import ScalingConfig
+
+    s = cfg.scaling
+    per = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.use_gpu:
+        per["GPU"] = s.gpus_per_worker
+    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=per)
+
+
+class _PromptEncoder:
+    """Ray Data actor: prompt batch -> token states + pooled vectors (loads the encoder once)."""
+
+    def __init__(self):
+        from workflows.text_encoder import TextEncoder
+
+        self.enc = TextEncoder()
+
+    def __call__(self, batch):
+        import numpy as np
+
+        c = self.enc.encode([str(p) for p in batch["prompt"]])
+        return {"idx": batch["idx"], "tokens": c.tokens.numpy().astype(np.float32),
+                "pooled": c.pooled.numpy().astype(np.float32)}
+
+
+def prompt_embeddings(prompts: list[str], teacher_hash: str, storage: Path) -> Path:
+    """Embeddings of the prompts and of the empty prompt, computed once per (teacher, prompts) with Ray Data."""
+    h = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
+    path = storage / "embeddings" / f"emb-{teacher_hash}-{h}.pt"
+    if path.exists():
+        return path
+    import numpy as np
+    import ray.data
+
+    items = [{"idx": i, "prompt": p} for i, p in enumerate(prompts + [""])]
+    ds = ray.data.from_items(items).map_batches(_PromptEncoder, batch_size=256, concurrency=1, num_cpus=1)
+    rows = sorted(ds.take_all(), key=lambda r: int(r["idx"]))
+    tokens = torch.from_numpy(np.stack([r["tokens"] for r in rows]))
+    pooled = torch.from_numpy(np.stack([r["pooled"] for r in rows]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"tokens": tokens[:-1], "pooled": pooled[:-1], "empty_tokens": tokens[-1:],
+                "empty_pooled": pooled[-1:], "prompts": prompts}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def latest_checkpoint(job_dir: Path) -> Path | None:
+    cands = sorted(p for p in job_dir.glob("step_*") if p.is_dir())
+    return cands[-1] if cands else None
+
+
+def check_checkpoint(ckpt: Path) -> None:
+    """Fail before starting workers when the checkpoint to resume from is unusable."""
+    meta = ckpt / "meta.json"
+    try:
+        m = json.loads(meta.read_text())
+        int(m["student_steps"]), int(m["iteration"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RuntimeError(f"checkpoint {ckpt} is corrupt: meta.json unreadable ({type(e).__name__}: {e}); "
+                           f"delete {ckpt} to resume from the one before") from None
+    for part in ("student", "fake"):
+        states = list((ckpt / part / "ckpt").glob("*model_states.pt"))
+        if not states:
+            raise RuntimeError(f"checkpoint {ckpt} is corrupt: no {part} model states; delete it to resume "
+                               "from the one before")
+        for f in states:
+            try:
+                torch.load(f, map_location="cpu", weights_only=False)
+            except Exception as e:
+                raise RuntimeError(f"checkpoint {ckpt} is corrupt: {f.name} does not load ({type(e).__name__}); "
+                                   "delete it to resume from the one before") from None
+    if not (ckpt / "ema.pt").exists():
+        raise RuntimeError(f"checkpoint {ckpt} is corrupt: ema.pt is missing")
+
+
+def _init_ray(cfg: DistillConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    addr = os.environ.get("RAY_ADDRESS")
+    if addr:
+        ray.init(address=addr, log_to_driver=True)
+    else:
+        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
+        ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False)
+
+
+def export_student(ckpt: Path, teacher: Path, out: Path, cfg: DistillConfig, tags: dict) -> Path:
+    """EMA weights of a checkpoint -> a diffusers folder whose scheduler reproduces the 4-step levels."""
+    from diffusers import SD3Transformer2DModel
+
+    state = torch.load(ckpt / "ema.pt", map_location="cpu", weights_only=False)
+    model = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(teacher / "transformer")))
+    model.load_state_dict({k: v.float() for k, v in state["shadow"].items()})
+    tmeta = read_meta(teacher)
+    meta = ModelMeta(family=tmeta.family, text_encoder=tmeta.text_encoder, max_tokens=tmeta.max_tokens,
+                     image_size=tmeta.image_size, channels=tmeta.channels, shift=cfg.cdm.shift, default_steps=4,
+                     default_guidance=1.0, dataset=tmeta.dataset,
+                     provenance={"distilled_by": "cdm distill", **tags,
+                                 "inference_sigmas": [1.0, 0.75, 0.5, 0.25],
+                                 "note": "diffusers: scheduler.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25]) "
+                                         "applies shift 3 -> levels [1, .9, .75, .5, 0]"})
+    return save_model_folder(model, out, meta)
+
+
+def run_distill(cfg: DistillConfig, command: str = "") -> dict:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows.evaluation import evaluate_folder, folder_hash
+    from workflows.train_worker import train_loop_per_worker
+
+    teacher = teacher_path(cfg)
+    prompts = load_prompts(cfg)
+    key = job_key(cfg)
+    storage = Path(cfg.storage_path).expanduser().resolve()
+    job_dir = storage / key
+    uri = lineage.tracking_uri(cfg.mlflow.tracking_uri)
+    ckpt = latest_checkpoint(job_dir)
+    if ckpt is not None:
+        check_checkpoint(ckpt)
+        console.print(f"[cdm] job {key}: resuming from {ckpt}")
+    t_hash = folder_hash(teacher)
+    c = lineage.client(uri)
+    _init_ray(cfg)
+    import ray
+
+    submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
+    tags = {"cdm.teacher": str(teacher), "cdm.teacher_hash": t_hash, "cdm.config_hash": config_hash(cfg),
+            "cdm.code_version": lineage.code_version(), "cdm.ray_job_id": str(submission),
+            "cdm.checkpoint_path": str(job_dir), "cdm.zero_stage": str(cfg.deepspeed.zero_stage)}
+    run_id, resumed = lineage.find_or_create_run(c, cfg.mlflow.experiment, key, key, tags)
+    for k, v in tags.items():  # a resumed job records where it runs now
+        c.set_tag(run_id, k, v)
+    lineage.log_params_once(c, run_id, flatten(cfg.model_dump(mode="json")))
+    console.print(f"[cdm] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}")
+    emb = prompt_embeddings(prompts, t_hash, storage)
+
+    t0 = time.time()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "teacher_path": str(teacher), "embeddings": str(emb),
+                           "run_id": run_id, "tracking_uri": uri, "job_dir": str(job_dir),
+                           "config_hash": config_hash(cfg)},
+        scaling_config=scaling_config(cfg),
+        run_config=RunConfig(name=key, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        c.set_terminated(run_id, status="FAILED")
+        msg = str(e).strip().splitlines()
+        detail = next((ln for ln in reversed(msg) if "Error" in ln or "error" in ln), msg[-1] if msg else repr(e))
+        raise RuntimeError(f"distillation job {key} failed: {detail.strip()} "
+                           f"(rerun the same command to resume from the last checkpoint)") from None
+    train_s = time.time() - t0
+    final = latest_checkpoint(job_dir)
+    if final is None and result.checkpoint is not None:
+        final = Path(result.checkpoint.path)
+    out = job_dir / "student"
+    folder = export_student(final, teacher, out, cfg, {"mlflow_run_id": run_id, "job_key": key,
+                                                      "teacher": str(teacher), "teacher_hash": t_hash})
+    ev_cfg = build(EvalConfig, dict(steps=4, n_samples=cfg.eval.n_samples, seeds=cfg.eval.seeds,
+                                    reference_steps=cfg.eval.reference_steps))
+    ev = evaluate_folder(folder, ev_cfg, job_dir / "eval", teacher)
+    metrics = {f"eval.{k}": ev[k]["mean"] for k in ("fd", "adherence", "precision", "recall", "hf_gap",
+                                                    "mse_to_teacher100") if k in ev}
+    metrics["train.wall_s"] = train_s
+    lineage.log_metrics(c, run_id, [(cfg.train.student_steps, metrics)])
+    c.log_artifacts(run_id, str(folder), "student")
+    c.log_artifact(run_id, str(job_dir / "eval" / "eval.json"), "eval")
+    c.log_artifact(run_id, str(job_dir / "eval" / "grid.png"), "eval")
+    version = register(c, cfg.mlflow.registered_model, run_id, tags, metrics)
+    c.set_terminated(run_id, status="FINISHED")
+    summary = {"job_key": key, "run_id": run_id, "model": cfg.mlflow.registered_model, "version": version,
+               "student_folder": str(folder), "checkpoint": str(final), "tracking_uri": uri, **metrics}
+    (job_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def register(c, name: str, run_id: str, tags: dict, metrics: dict) -> str:
+    """Register the run's ``student`` artifact as a version of ``name`` (once per run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="CDM 4-step students")
+    for mv in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return mv.version
+    run = c.get_run(run_id)
+    mv_tags = {**tags, **{k: f"{v:.6g}" for k, v in metrics.items()}, "cdm.mlflow_run_id": run_id}
+    mv = c.create_model_version(name, f"{run.info.artifact_uri}/student", run_id=run_id, tags=mv_tags)
+    return mv.version

@@ -1,0 +1,111 @@
+"""MLflow lineage, owned by the project (Ray Train v2 has no MLflow integration).
+
+One run per job, found again by the deterministic tag ``cdm.job_key`` so a resumed or restarted job
+continues its run; flattened params; lineage tags; metrics buffered by rank 0 and flushed only after a
+checkpoint is committed, so a restart from that checkpoint never logs a step twice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+JOB_KEY_TAG = "cdm.job_key"
+
+
+def tracking_uri(configured: str | None, base_dir: str | Path = ".") -> str:
+    """``MLFLOW_TRACKING_URI``, else the config's, else ``sqlite:///<base_dir>/mlflow.db`` (never ``file:``)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
+    if not uri:
+        uri = f"sqlite:///{(Path(base_dir).resolve() / 'mlflow.db')}"
+    if uri.startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
+        raise ValueError(f"mlflow.tracking_uri: {uri!r} is a file store; use sqlite:///path/mlflow.db or a server URL")
+    return uri
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def code_version() -> str:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if sha:
+            return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from cdm_core import __version__
+
+    return f"cdm-platform-{__version__}"
+
+
+def experiment_id(c, name: str) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    try:
+        return c.create_experiment(name)
+    except Exception:  # created concurrently
+        return c.get_experiment_by_name(name).experiment_id
+
+
+def find_or_create_run(c, experiment: str, job_key: str, run_name: str, tags: dict[str, str],
+                       parent_run_id: str | None = None) -> tuple[str, bool]:
+    """The run tagged ``cdm.job_key = job_key`` (resumed), or a new one. Returns (run_id, resumed)."""
+    exp_id = experiment_id(c, experiment)
+    found = c.search_runs([exp_id], filter_string=f"tags.`{JOB_KEY_TAG}` = '{job_key}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+        return run_id, True
+    all_tags = {JOB_KEY_TAG: job_key, "mlflow.runName": run_name, **tags}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp_id, tags=all_tags, run_name=run_name)
+    return run.info.run_id, False
+
+
+def log_params_once(c, run_id: str, params: dict) -> None:
+    """Log flattened params; on a resumed run, only those not logged yet (MLflow params are immutable)."""
+    from mlflow.entities import Param
+
+    have = c.get_run(run_id).data.params
+    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+    for i in range(0, len(new), 100):
+        c.log_batch(run_id, params=new[i : i + 100])
+
+
+def log_metrics(c, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
+    """``rows`` = [(step, {name: value})] -> one log_batch per 500 points."""
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    pts = [Metric(k.replace("/", "."), float(v), ts, int(step)) for step, m in rows for k, v in m.items()
+           if v == v and abs(v) != float("inf")]
+    for i in range(0, len(pts), 500):
+        c.log_batch(run_id, metrics=pts[i : i + 500])
+
+
+class MetricBuffer:
+    """Rank 0's metrics since the last committed checkpoint."""
+
+    def __init__(self):
+        self.rows: list[tuple[int, dict[str, float]]] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def flush(self, c, run_id: str) -> None:
+        if self.rows:
+            log_metrics(c, run_id, self.rows)
+            self.rows = []
