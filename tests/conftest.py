@@ -28,3 +28,22 @@ def evaluator():
     from workflows.evaluator import Evaluator
 
     return Evaluator.load(DEFAULT_EVALUATOR)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """The one shared local Ray cluster of the test session."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def distill_env(tmp_path, monkeypatch):
+    """A job sandbox: its own storage and sqlite MLflow store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+

@@ -49,7 +49,8 @@ def train_loop_per_worker(config: dict) -> None:
     dev = torch.device("cuda", ctx.get_local_rank()) if cfg.scaling.use_gpu else torch.device("cpu")
     job_dir = Path(config["job_dir"])
     (job_dir / "pids").mkdir(parents=True, exist_ok=True)
-    (job_dir / "pids" / f"rank{rank}.pid").write_text(str(os.getpid()))
+    node = ray.get_runtime_context().get_node_id()
+    (job_dir / "pids" / f"rank{rank}.pid").write_text(f"{os.getpid()} {node}\n")
 
     meta = read_meta(config["teacher_path"])
     teacher = load_transformer(config["teacher_path"], dev)
@@ -93,6 +94,8 @@ def train_loop_per_worker(config: dict) -> None:
         iteration, step.student_steps, samples_seen = m["iteration"], m["student_steps"], m["samples_seen"]
         if rank == 0:
             print(f"[cdm] resumed from checkpoint at student step {step.student_steps}", flush=True)
+            with open(job_dir / "resumes.jsonl", "a") as f:
+                f.write(json.dumps({"student_steps": step.student_steps, "time": time.time()}) + "\n")
 
     c = lineage.client(config["tracking_uri"]) if rank == 0 else None
     run_id = config["run_id"]

@@ -1,0 +1,188 @@
+"""Distillation jobs on real Ray Train, real DeepSpeed and real MLflow (sqlite), tiny teacher."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from distill_helpers import metric_steps, mlflow_client, tiny_overrides
+from safetensors.torch import load_file
+
+from workflows.config import load_config
+from workflows.distill import job_key, run_distill
+from workflows.distill_config import DistillConfig
+
+REPO = Path(__file__).resolve().parent.parent
+LINEAGE_TAGS = ("cdm.teacher", "cdm.teacher_hash", "cdm.config_hash", "cdm.code_version", "cdm.ray_job_id",
+                "cdm.checkpoint_path")
+
+
+def _cfg(tmp_path, **extra):
+    return load_config(DistillConfig, "tiny", tiny_overrides(tmp_path, **extra))
+
+
+def _student_weights(summary) -> dict:
+    return load_file(str(Path(summary["student_folder"]) / "transformer" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_two_worker_zero2_job_registers_a_version_with_lineage(ray_cluster, distill_env):
+    cfg = _cfg(distill_env)
+    s = run_distill(cfg)
+    c = mlflow_client(distill_env)
+    run = c.get_run(s["run_id"])
+    for t in LINEAGE_TAGS + ("cdm.job_key",):
+        assert run.data.tags.get(t), t
+    for k in ("loss.ca", "loss.dm", "loss.cdm", "loss.fake", "norm.dm", "grad_norm.student", "schedule.n",
+              "throughput.samples_per_s", "eval.fd", "eval.adherence"):
+        assert k in run.data.metrics, k
+    assert run.data.params["cdm.alpha"] == str(cfg.cdm.alpha) and run.data.params["scaling.num_workers"] == "2"
+    assert metric_steps(c, s["run_id"]) == [1, 2, 3, 4]
+    samples = [a.path for a in c.list_artifacts(s["run_id"], "samples")]
+    assert len(samples) == 2
+    mv = c.get_model_version(cfg.mlflow.registered_model, s["version"])
+    for t in LINEAGE_TAGS + ("eval.fd", "cdm.mlflow_run_id"):
+        assert mv.tags.get(t), t
+    assert mv.run_id == s["run_id"]
+    # the exported student is a diffusers folder that differs from the teacher it started from
+    from diffusers import SD3Transformer2DModel
+
+    from workflows.config import DEFAULT_TEACHER
+
+    student = SD3Transformer2DModel.from_pretrained(str(Path(s["student_folder"]) / "transformer"))
+    teacher = SD3Transformer2DModel.from_pretrained(str(DEFAULT_TEACHER / "transformer"))
+    assert any(not torch.equal(a, b) for a, b in zip(student.parameters(), teacher.parameters()))
+    # running the finished job again continues the same run and does not register a second version
+    s2 = run_distill(cfg)
+    assert s2["run_id"] == s["run_id"] and s2["version"] == s["version"]
+    assert metric_steps(c, s["run_id"]) == [1, 2, 3, 4]
+
+
+def test_zero3_job_runs(ray_cluster, distill_env):
+    s = run_distill(_cfg(distill_env, **{"deepspeed.zero_stage": 3, "train.student_steps": 2}))
+    assert s["version"] == 1 and Path(s["student_folder"], "transformer", "config.json").exists()
+    run = mlflow_client(distill_env).get_run(s["run_id"])
+    assert run.data.tags["cdm.zero_stage"] == "3" and run.info.status == "FINISHED"
+
+
+def test_killed_worker_recovers_from_last_checkpoint_without_duplicate_metrics(ray_cluster, distill_env):
+    cfg = _cfg(distill_env, **{"train.student_steps": 8})
+    job_dir = distill_env / "runs" / job_key(cfg)
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(run_distill(cfg)), daemon=True)
+    th.start()
+    deadline = time.time() + 600
+    while not (job_dir / "step_00000002" / "meta.json").exists():
+        assert th.is_alive() and time.time() < deadline, "no first checkpoint"
+        time.sleep(0.2)
+    pid = int((job_dir / "pids" / "rank1.pid").read_text().split()[0])
+    latest = max(int(p.name.split("_")[1]) for p in job_dir.glob("step_*"))
+    os.kill(pid, signal.SIGKILL)
+    th.join(900)
+    assert out.get("version") == 1, "the job did not finish after the worker was killed"
+    resumes = [json.loads(x) for x in (job_dir / "resumes.jsonl").read_text().splitlines()]
+    assert resumes and resumes[0]["student_steps"] >= latest  # lost at most one checkpoint interval
+    c = mlflow_client(distill_env)
+    assert metric_steps(c, out["run_id"]) == list(range(1, 9))  # nothing duplicated
+    assert len(c.search_runs([c.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])) == 1
+
+
+def test_rerun_after_the_driver_died_resumes_and_matches_an_uninterrupted_run(ray_cluster, distill_env):
+    ref = run_distill(_cfg(distill_env / "a", **{"train.student_steps": 6}))
+    over = tiny_overrides(distill_env / "b", **{"train.student_steps": 6})
+    cfg_b = load_config(DistillConfig, "tiny", over)
+    job_dir = distill_env / "b" / "runs" / job_key(cfg_b)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    args = [sys.executable, "-m", "workflows.cli", "distill"] + sum((["--set", o] for o in over), [])
+    p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 600
+    while not (job_dir / "step_00000002" / "meta.json").exists():
+        assert p.poll() is None and time.time() < deadline, "no first checkpoint"
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL)  # the driver and its local Ray die: a preempted job
+    p.wait()
+    for line in (job_dir / "pids").glob("*.pid"):
+        try:
+            os.kill(int(line.read_text().split()[0]), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    c = mlflow_client(distill_env / "b")
+    run_before = c.search_runs([c.get_experiment_by_name(cfg_b.mlflow.experiment).experiment_id])[0].info.run_id
+    s = run_distill(cfg_b)
+    assert s["run_id"] == run_before
+    resumes = [json.loads(x) for x in (job_dir / "resumes.jsonl").read_text().splitlines()]
+    assert resumes[0]["student_steps"] >= 2
+    assert metric_steps(c, s["run_id"]) == list(range(1, 7))
+    a, b = _student_weights(ref), _student_weights(s)
+    # same seeds, same world size: the resumed run reproduces the uninterrupted one
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_multi_node_cluster_places_workers_on_both_nodes(tmp_path):
+    script = f"""
+import json, ray, sys
+from ray.cluster_utils import Cluster
+sys.path.insert(0, {str(REPO)!r}); sys.path.insert(0, {str(REPO / 'tests')!r})
+from distill_helpers import tiny_overrides
+from workflows.config import load_config
+from workflows.distill import job_key, run_distill
+from workflows.distill_config import DistillConfig
+from pathlib import Path
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1}})
+cluster.add_node(num_cpus=1)
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+tmp = Path({str(tmp_path)!r})
+cfg = load_config(DistillConfig, "tiny", tiny_overrides(tmp, **{{"train.student_steps": 2}}))
+s = run_distill(cfg)
+nodes = sorted({{p.read_text().split()[1] for p in (tmp / "runs" / job_key(cfg) / "pids").glob("*.pid")}})
+print("RESULT", json.dumps({{"nodes": nodes, "version": s["version"], "all": [n["NodeID"] for n in ray.nodes()]}}))
+ray.shutdown(); cluster.shutdown()
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, out.stderr[-3000:]
+    res = json.loads(line[0][7:])
+    assert res["version"] == 1
+    assert len(res["nodes"]) == 2 and set(res["nodes"]) <= set(res["all"])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--config", "nope"], "unknown preset"),
+        (["--set", "cdm.n_max=0"], "cdm.n_max:"),
+        (["--set", "teacher=/nonexistent/teacher"], "teacher: "),
+        (["--set", "deepspeed.zero_stage=5"], "deepspeed.zero_stage:"),
+    ],
+)
+def test_bad_distill_input_gives_one_error_line(args, needle, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "workflows.cli", "distill", *args], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    err = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(err) == 1 and err[0].startswith("error:") and needle in err[0], out.stderr
+
+
+def test_corrupt_checkpoint_gives_one_error_line(tmp_path):
+    over = tiny_overrides(tmp_path)
+    cfg = load_config(DistillConfig, "tiny", over)
+    ck = tmp_path / "runs" / job_key(cfg) / "step_00000002"
+    (ck / "student" / "ckpt").mkdir(parents=True)
+    (ck / "meta.json").write_text(json.dumps({"student_steps": 2, "iteration": 4}))
+    (ck / "student" / "ckpt" / "mp_rank_00_model_states.pt").write_bytes(b"not a torch file")
+    args = [sys.executable, "-m", "workflows.cli", "distill"] + sum((["--set", o] for o in over), [])
+    out = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    err = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert "step_00000002 is corrupt" in err[0]
