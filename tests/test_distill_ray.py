@@ -29,6 +29,21 @@ def _cfg(tmp_path, **extra):
     return load_config(DistillConfig, "tiny", tiny_overrides(tmp_path, **extra))
 
 
+def _wait_for_committed_checkpoint(job_dir: Path, alive, timeout: float = 600) -> int:
+    """Block until Ray Train's controller has registered a checkpoint; return its student step."""
+    deadline = time.time() + timeout
+    snap = job_dir / "checkpoint_manager_snapshot.json"
+    while True:
+        assert alive() and time.time() < deadline, "no committed checkpoint"
+        try:
+            latest = json.loads(snap.read_text()).get("latest_checkpoint_result")
+        except (OSError, ValueError):
+            latest = None
+        if latest:
+            return int(latest["metrics"]["student_steps"])
+        time.sleep(0.2)
+
+
 def _student_weights(summary) -> dict:
     return load_file(str(Path(summary["student_folder"]) / "transformer" / "diffusion_pytorch_model.safetensors"))
 
@@ -78,12 +93,9 @@ def test_killed_worker_recovers_from_last_checkpoint_without_duplicate_metrics(r
     out: dict = {}
     th = threading.Thread(target=lambda: out.update(run_distill(cfg)), daemon=True)
     th.start()
-    deadline = time.time() + 600
-    while not (job_dir / "step_00000002" / "meta.json").exists():
-        assert th.is_alive() and time.time() < deadline, "no first checkpoint"
-        time.sleep(0.2)
+    # rank 0 flushes metrics only once a checkpoint is committed: their steps tell what is safe
+    latest = _wait_for_committed_checkpoint(job_dir, lambda: th.is_alive())
     pid = int((job_dir / "pids" / "rank1.pid").read_text().split()[0])
-    latest = max(int(p.name.split("_")[1]) for p in job_dir.glob("step_*"))
     os.kill(pid, signal.SIGKILL)
     th.join(900)
     assert out.get("version") == 1, "the job did not finish after the worker was killed"
@@ -103,10 +115,7 @@ def test_rerun_after_the_driver_died_resumes_and_matches_an_uninterrupted_run(ra
     args = [sys.executable, "-m", "workflows.cli", "distill"] + sum((["--set", o] for o in over), [])
     p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                          start_new_session=True)
-    deadline = time.time() + 600
-    while not (job_dir / "step_00000002" / "meta.json").exists():
-        assert p.poll() is None and time.time() < deadline, "no first checkpoint"
-        time.sleep(0.2)
+    _wait_for_committed_checkpoint(job_dir, lambda: p.poll() is None)
     os.killpg(p.pid, signal.SIGKILL)  # the driver and its local Ray die: a preempted job
     p.wait()
     for line in (job_dir / "pids").glob("*.pid"):

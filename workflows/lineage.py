@@ -96,16 +96,30 @@ def log_metrics(c, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> Non
         c.log_batch(run_id, metrics=pts[i : i + 500])
 
 
-class MetricBuffer:
-    """Rank 0's metrics since the last committed checkpoint."""
+LOGGED_THROUGH_TAG = "cdm.metrics_logged_through"
 
-    def __init__(self):
+
+class MetricBuffer:
+    """Rank 0's metrics since the last committed checkpoint.
+
+    ``flush`` skips steps at or below the run's high-water mark (tag ``cdm.metrics_logged_through``),
+    so a group that restarts from an older checkpoint than the one the metrics were flushed at (the
+    controller had not registered it yet) still logs every step exactly once.
+    """
+
+    def __init__(self, c=None, run_id: str | None = None):
         self.rows: list[tuple[int, dict[str, float]]] = []
+        self.logged_through = -1
+        if c is not None and run_id:
+            self.logged_through = int(c.get_run(run_id).data.tags.get(LOGGED_THROUGH_TAG, -1))
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         self.rows.append((step, dict(metrics)))
 
     def flush(self, c, run_id: str) -> None:
-        if self.rows:
-            log_metrics(c, run_id, self.rows)
-            self.rows = []
+        rows = [(s, m) for s, m in self.rows if s > self.logged_through]
+        if rows:
+            log_metrics(c, run_id, rows)
+            self.logged_through = max(s for s, _ in rows)
+            c.set_tag(run_id, LOGGED_THROUGH_TAG, str(self.logged_through))
+        self.rows = []

@@ -99,7 +99,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     c = lineage.client(config["tracking_uri"]) if rank == 0 else None
     run_id = config["run_id"]
-    buffer = lineage.MetricBuffer()
+    buffer = lineage.MetricBuffer(c, run_id)
     total = cfg.train.student_steps
     t_start, steps_at_start = time.time(), step.student_steps
     t_window, iters_window = time.time(), 0
