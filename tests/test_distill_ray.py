@@ -195,3 +195,42 @@ def test_corrupt_checkpoint_gives_one_error_line(tmp_path):
     err = [ln for ln in out.stderr.splitlines() if ln.strip()]
     assert out.returncode == 2 and len(err) == 1, out.stderr
     assert "step_00000002 is corrupt" in err[0]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_against_a_running_cluster(tmp_path):
+    """`ray start --head` on 127.0.0.1, then `ray job submit --working-dir . -- cdm distill ...`."""
+    venv_bin = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env["PATH"] = f"{venv_bin}:{env.get('PATH', '')}"
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="cdmray", dir="/tmp")  # short: unix socket paths are limited to 107 chars
+    env["RAY_TMPDIR"] = ray_tmp
+    env["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster; production clusters keep token auth
+    gcs, dash = _free_port(), _free_port()
+    ray = str(venv_bin / "ray")
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=3",
+                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                    f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        over = tiny_overrides(tmp_path, **{"train.student_steps": 2})
+        sets = sum((["--set", o] for o in over), [])
+        out = subprocess.run([ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                              "--", "cdm", "distill", *sets], env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+        assert "succeeded" in out.stdout.lower()
+        c = mlflow_client(tmp_path)
+        runs = [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+        assert runs[0].data.tags["cdm.ray_job_id"].startswith("raysubmit_")
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)

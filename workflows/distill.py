@@ -197,9 +197,7 @@ def run_distill(cfg: DistillConfig, command: str = "") -> dict:
     t_hash = folder_hash(teacher)
     c = lineage.client(uri)
     _init_ray(cfg)
-    import ray
-
-    submission = os.environ.get("RAY_JOB_SUBMISSION_ID") or ray.get_runtime_context().get_job_id()
+    submission = lineage.ray_job_id()
     tags = {"cdm.teacher": str(teacher), "cdm.teacher_hash": t_hash, "cdm.config_hash": config_hash(cfg),
             "cdm.code_version": lineage.code_version(), "cdm.ray_job_id": str(submission),
             "cdm.checkpoint_path": str(job_dir), "cdm.zero_stage": str(cfg.deepspeed.zero_stage)}

@@ -47,6 +47,25 @@ def code_version() -> str:
     return f"cdm-platform-{__version__}"
 
 
+def ray_job_id() -> str:
+    """The Ray job submission id when run through ``ray job submit`` (else the Ray job id)."""
+    import json
+
+    blob = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if blob:
+        try:
+            sub = json.loads(blob).get("metadata", {}).get("job_submission_id")
+            if sub:
+                return str(sub)
+        except ValueError:
+            pass
+    if os.environ.get("RAY_JOB_SUBMISSION_ID"):
+        return os.environ["RAY_JOB_SUBMISSION_ID"]
+    import ray
+
+    return ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
+
+
 def experiment_id(c, name: str) -> str:
     exp = c.get_experiment_by_name(name)
     if exp is not None:
