@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml | $(FASHION_MNIST)/train-images-idx3-ubyte.gz
 	touch $@
 
 run: setup
-	$(VENV)/bin/cdm run --out outputs/run
+	OMP_NUM_THREADS=1 $(VENV)/bin/cdm run
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -136,6 +136,8 @@ def train_loop_per_worker(config: dict) -> None:
         if not res.student_updated:
             continue
         s = step.student_steps
+        if rank == 0 and s == steps_at_start + 1:
+            (job_dir / "first_step.json").write_text(json.dumps({"student_steps": s, "time": time.time()}))
         if s % cfg.train.log_every == 0 or s == total:
             dt = time.time() - t_window
             m = {k: v / n_acc for k, v in acc.items()}
