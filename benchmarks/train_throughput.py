@@ -89,6 +89,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS))
+    ap.add_argument("--rows", default="plain,ray_1w_zero2,ray_2w_zero2,ray_2w_zero3",
+                    help="rows to (re)measure; the others are read from results/train_throughput_rows/")
     a = ap.parse_args()
     torch.set_num_threads(1)
     import ray
@@ -97,16 +99,23 @@ def main() -> None:
                       f"torch {torch.__version__}",
            "command": "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py " + " ".join(map(shlex.quote, sys.argv[1:])),
            "student_steps": a.steps, "warmup_steps": a.warmup, "batch_per_worker": a.batch}
-    res["plain_detail"] = plain(a.steps, a.warmup, a.batch)
-    res["plain"] = res["plain_detail"]["student_steps_per_s"]
-    print("plain", res["plain_detail"], flush=True)
-    ray.init(num_cpus=max(3, os.cpu_count() or 1), include_dashboard=False)
-    for name, w, z in (("ray_1w_zero2", 1, 2), ("ray_2w_zero2", 2, 2), ("ray_2w_zero3", 2, 3)):
-        r = ray_row(a.steps, a.warmup, a.batch, w, z)
-        res[name] = r["student_steps_per_s"]
-        res[f"{name}_detail"] = r
-        print(name, r, flush=True)
-    ray.shutdown()
+    parts = Path(a.out) / "train_throughput_rows"
+    parts.mkdir(parents=True, exist_ok=True)
+    todo = a.rows.split(",")
+    if "plain" in todo:
+        (parts / "plain.json").write_text(json.dumps(plain(a.steps, a.warmup, a.batch)) + "\n")
+    ray_rows = [r for r in (("ray_1w_zero2", 1, 2), ("ray_2w_zero2", 2, 2), ("ray_2w_zero3", 2, 3)) if r[0] in todo]
+    if ray_rows:
+        ray.init(num_cpus=max(3, os.cpu_count() or 1), include_dashboard=False)
+        for name, w, z in ray_rows:
+            r = ray_row(a.steps, a.warmup, a.batch, w, z)
+            (parts / f"{name}.json").write_text(json.dumps(r) + "\n")
+            print(name, r, flush=True)
+        ray.shutdown()
+    for name in ("plain", "ray_1w_zero2", "ray_2w_zero2", "ray_2w_zero3"):
+        d = json.loads((parts / f"{name}.json").read_text())
+        res[name] = d["student_steps_per_s"]
+        res[f"{name}_detail"] = d
     res["time_to_first_step_s"] = res["ray_1w_zero2_detail"]["time_to_first_step_s"]
     res["ratios"] = {k: res[k] / res["plain"] for k in ("ray_1w_zero2", "ray_2w_zero2", "ray_2w_zero3")}
     out = Path(a.out)

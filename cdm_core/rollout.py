@@ -9,6 +9,7 @@ full rollout at a fraction of the cost.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -35,8 +36,14 @@ class Rollout:
 
 @torch.no_grad()
 def backward_simulation(student: VelocityFn, eps: torch.Tensor, sigmas: torch.Tensor, anchors: torch.Tensor,
-                        cond: Cond, need_final: bool = False) -> Rollout:
-    """Roll out ``student`` from ``eps`` over ``sigmas`` (N+1,) and gather the states at ``anchors`` (B,)."""
+                        cond: Cond, need_final: bool = False,
+                        sync_depth: Callable[[int], int] | None = None) -> Rollout:
+    """Roll out ``student`` from ``eps`` over ``sigmas`` (N+1,) and gather the states at ``anchors`` (B,).
+
+    ``sync_depth`` maps this rank's deepest index to the one every rank uses (e.g. an all-reduce MAX):
+    where parameters are partitioned (ZeRO-3) every forward is a collective, so all ranks must run the
+    same number of them. Rolling out further never changes the gathered states.
+    """
     n = sigmas.numel() - 1
     if anchors.numel() != eps.shape[0]:
         raise ValueError("one anchor index per sample is needed")
@@ -45,6 +52,8 @@ def backward_simulation(student: VelocityFn, eps: torch.Tensor, sigmas: torch.Te
     sig = sigmas.to(eps.device, eps.dtype)
     anchors = anchors.to(eps.device)
     last = n - 1 if need_final else int(anchors.max())
+    if sync_depth is not None:
+        last = min(n - 1, int(sync_depth(last)))
     b = eps.shape[0]
     x = eps
     x_at, v_at = torch.empty_like(eps), torch.empty_like(eps)

@@ -94,7 +94,9 @@ class CDMStep:
     def __init__(self, cfg: CDMConfig, student: Trainable, fake: Trainable, real: VelocityFn,
                  ema: EMA | None = None, rank: int = 0,
                  blend: Callable[[Trainable, Trainable, float], None] | None = None,
-                 ema_update: Callable[[EMA, Trainable], None] | None = None):
+                 ema_update: Callable[[EMA, Trainable], None] | None = None,
+                 sync_depth: Callable[[int], int] | None = None):
+        self.sync_depth = sync_depth
         self.cfg, self.student, self.fake, self.real, self.ema, self.rank = cfg, student, fake, real, ema, rank
         self.blend = blend or (lambda f, s, d: blend_parameters(f.parameters(), s.parameters(), d))
         self.ema_update = ema_update or (lambda e, s: e.update(s))
@@ -121,7 +123,8 @@ class CDMStep:
         sched = self.schedule(iteration)
         anchors = pick_anchors(sched, b, g_cpu)
         need_final = c.use_cdm and c.target == "final"
-        roll = backward_simulation(self.student.velocity, randn(), sched.sigmas, anchors, cond, need_final)
+        roll = backward_simulation(self.student.velocity, randn(), sched.sigmas, anchors, cond, need_final,
+                                   self.sync_depth)
         m: dict[str, float] = {"schedule/n": float(sched.n), "schedule/t_mean": float(roll.t.mean()),
                                "nfe/rollout": float(roll.nfe)}
 

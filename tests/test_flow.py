@@ -56,3 +56,15 @@ def test_flow_matching_loss_is_zero_for_exact_velocity():
     x0, eps, t = _batch(3)
     v_fn = lambda x, tt, c: flow.velocity_target(x0, eps)  # noqa: E731
     assert float(flow.flow_matching_loss(v_fn, x0, eps, t, None)) == 0.0
+
+
+def test_diffusers_scheduler_reproduces_the_4_step_levels_with_explicit_sigmas():
+    """The exported scheduler config (shift 3) + set_timesteps(sigmas=[1, .75, .5, .25]) = our levels;
+    set_timesteps(4) alone does not (hence the explicit sigmas in cdm_model.json)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    s.set_timesteps(sigmas=[1.0, 0.75, 0.5, 0.25])
+    torch.testing.assert_close(s.sigmas.double(), inference_levels(4, 3.0, dtype=D), atol=1e-6, rtol=0)
+    s.set_timesteps(4)
+    assert not torch.allclose(s.sigmas.double(), inference_levels(4, 3.0, dtype=D), atol=1e-3)

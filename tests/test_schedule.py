@@ -68,3 +68,16 @@ def test_rollout_matches_full_rollout_and_stops_early():
     r_full = backward_simulation(v, eps, sig, anchors, None, need_final=True)
     torch.testing.assert_close(r_full.final_x0_hat, states[4][0] - sig[4] * states[4][1])
     torch.testing.assert_close(r_full.x, r.x)
+
+
+def test_rollout_depth_can_be_synchronised_without_changing_the_states():
+    d = torch.float64
+    v = lambda x, t, c: x * (0.5 + t[:, None, None, None])  # noqa: E731
+    sig = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0], dtype=d)
+    eps = torch.randn(3, 1, 2, 2, dtype=d, generator=torch.Generator().manual_seed(2))
+    anchors = torch.tensor([0, 1, 1])
+    local = backward_simulation(v, eps, sig, anchors, None)
+    synced = backward_simulation(v, eps, sig, anchors, None, sync_depth=lambda k: 3)  # another rank needs 3
+    assert local.nfe == 2 and synced.nfe == 4
+    torch.testing.assert_close(local.x, synced.x)
+    torch.testing.assert_close(local.v, synced.v)

@@ -22,6 +22,12 @@ import torch
 CKPT_TAG = "ckpt"
 
 
+def max_across_ranks(value: int) -> int:
+    t = torch.tensor([value], dtype=torch.int64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def _load_embeddings(path: str):
     from cdm_core.conditioning import Cond
 
@@ -72,7 +78,8 @@ def train_loop_per_worker(config: dict) -> None:
     st = engine(student, o.lr_student)
     ft = engine(fake, o.lr_student * o.fake_lr_ratio)
     core = cfg.cdm.to_core()
-    step = CDMStep(core, st, ft, SD3Velocity(teacher), ema, rank=rank, blend=blend, ema_update=ema_update)
+    step = CDMStep(core, st, ft, SD3Velocity(teacher), ema, rank=rank, blend=blend, ema_update=ema_update,
+                   sync_depth=max_across_ranks if cfg.deepspeed.zero_stage == 3 and world > 1 else None)
 
     prompts, empty = _load_embeddings(config["embeddings"])
     shard = prompts.index(slice(rank, None, world)) if len(prompts) >= world else prompts
