@@ -218,11 +218,23 @@ def test_ray_job_submit_against_a_running_cluster(tmp_path):
     env["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster; production clusters keep token auth
     gcs, dash = _free_port(), _free_port()
     ray = str(venv_bin / "ray")
-    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--num-cpus=3",
-                    "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-                    f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    # --block keeps the head in this process group, so the test stops exactly the cluster it started
+    # (`ray stop` would stop every Ray cluster on the machine, the test session's own included)
+    head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+                             "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        import urllib.request
+
+        deadline = time.time() + 180
+        while True:
+            assert head.poll() is None and time.time() < deadline, "ray head did not come up"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
         over = tiny_overrides(tmp_path, **{"train.student_steps": 2})
         sets = sum((["--set", o] for o in over), [])
         out = subprocess.run([ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
@@ -234,4 +246,9 @@ def test_ray_job_submit_against_a_running_cluster(tmp_path):
         assert len(runs) == 1 and runs[0].info.status == "FINISHED"
         assert runs[0].data.tags["cdm.ray_job_id"].startswith("raysubmit_")
     finally:
-        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
