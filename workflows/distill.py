@@ -200,7 +200,8 @@ def run_distill(cfg: DistillConfig, command: str = "") -> dict:
     submission = lineage.ray_job_id()
     tags = {"cdm.teacher": str(teacher), "cdm.teacher_hash": t_hash, "cdm.config_hash": config_hash(cfg),
             "cdm.code_version": lineage.code_version(), "cdm.ray_job_id": str(submission),
-            "cdm.checkpoint_path": str(job_dir), "cdm.zero_stage": str(cfg.deepspeed.zero_stage)}
+            "cdm.checkpoint_path": str(job_dir), "cdm.zero_stage": str(cfg.deepspeed.zero_stage),
+            **({"cdm.command": command[:1000]} if command else {})}
     run_id, resumed = lineage.find_or_create_run(c, cfg.mlflow.experiment, key, key, tags)
     for k, v in tags.items():  # a resumed job records where it runs now
         c.set_tag(run_id, k, v)
