@@ -237,8 +237,13 @@ def test_ray_job_submit_against_a_running_cluster(tmp_path):
                 time.sleep(1)
         over = tiny_overrides(tmp_path, **{"train.student_steps": 2})
         sets = sum((["--set", o] for o in over), [])
-        out = subprocess.run([ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-                              "--", "cdm", "distill", *sets], env=env, capture_output=True, text=True, timeout=900)
+        for _ in range(30):  # the dashboard answers before its job agent is ready
+            out = subprocess.run([ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir",
+                                  str(REPO), "--", "cdm", "distill", *sets], env=env, capture_output=True, text=True,
+                                 timeout=900)
+            if "No available agent" not in out.stderr + out.stdout:
+                break
+            time.sleep(2)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
         assert "succeeded" in out.stdout.lower()
         c = mlflow_client(tmp_path)
