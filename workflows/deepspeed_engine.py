@@ -102,8 +102,3 @@ def ema_update(ema: EMA, student: DeepSpeedTrainable) -> float:
     with student.gathered():
         return ema.update(student.engine.module)
 
-
-def full_state_dict(trainable: DeepSpeedTrainable) -> dict:
-    """CPU copy of the full (gathered) weights."""
-    with trainable.gathered():
-        return {k: v.detach().float().cpu().clone() for k, v in trainable.engine.module.state_dict().items()}
