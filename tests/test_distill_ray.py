@@ -217,12 +217,16 @@ def test_ray_job_submit_against_a_running_cluster(tmp_path):
     env["RAY_TMPDIR"] = ray_tmp
     env["RAY_AUTH_MODE"] = "disabled"  # loopback-only test cluster; production clusters keep token auth
     gcs, dash = _free_port(), _free_port()
+    # the session cluster's dashboard agent already holds Ray's default agent ports (52365, ...); a second
+    # head on the same machine must take free ones or its job agent never registers ("No available agent")
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}"]
     ray = str(venv_bin / "ray")
     # --block keeps the head in this process group, so the test stops exactly the cluster it started
     # (`ray stop` would stop every Ray cluster on the machine, the test session's own included)
     head = subprocess.Popen([ray, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
                              "--num-cpus=3", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
+                             f"--dashboard-port={dash}", f"--temp-dir={ray_tmp}", "--disable-usage-stats", *agent_ports],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         import urllib.request
@@ -244,7 +248,10 @@ def test_ray_job_submit_against_a_running_cluster(tmp_path):
             if "No available agent" not in out.stderr + out.stdout:
                 break
             time.sleep(2)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+        if out.returncode != 0:
+            logs = sorted(Path(ray_tmp).glob("session_*/logs/dashboard_agent*.log"))
+            tail = logs[-1].read_text()[-2000:] if logs else "(no dashboard agent log)"
+            raise AssertionError(out.stdout[-3000:] + out.stderr[-2000:] + "\n--- agent log ---\n" + tail)
         assert "succeeded" in out.stdout.lower()
         c = mlflow_client(tmp_path)
         runs = [r for e in c.search_experiments() for r in c.search_runs([e.experiment_id])]
