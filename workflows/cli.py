@@ -5,6 +5,9 @@
     cdm evaluator train                        # train the evaluator's feature network
     cdm eval MODEL_DIR --steps 4               # score any model folder
     cdm sample MODEL_DIR --prompt "a photo of a sneaker" --out sneaker.png
+    cdm sweep --config sweep-tiny              # Ray Tune sweep, best student aliased `candidate`
+    cdm promote cdm-tiny-student               # candidate -> champion
+    cdm serve --model models:/cdm-tiny-student@champion
 
 Every command has ``--help`` with examples. Bad input ends with one ``error:`` line naming the problem.
 """
@@ -300,6 +303,92 @@ def run_cmd(
                   f"run {summary['run_id']})")
     console.print(f"checkpoints: {job_dir}   grids: {job_dir / 'eval' / 'grid.png'}, "
                   f"{job_dir / 'teacher-4steps-eval' / 'grid.png'}")
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    model: Optional[str] = typer.Option(None, help="models:/<name>@<alias>, models:/<name>/<version>, a model "
+                                                   "folder or 'builtin' (default: the config's args.model)"),
+    config: Optional[Path] = typer.Option(None, help="Serve config YAML (default deploy/serve.yaml)"),
+    host: Optional[str] = typer.Option(None, help="bind address (default from the config: 127.0.0.1)"),
+    port: Optional[int] = typer.Option(None, min=1, max=65535, help="HTTP port (default from the config: 8000)"),
+    tracking_uri: Optional[str] = typer.Option(None, help="MLflow tracking URI for models:/ "
+                                                          "(default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"),
+):
+    """Serve a 4-step student over HTTP with Ray Serve (autoscaling replicas, dynamic batching).
+
+    Routes: POST /v1/images/generations (OpenAI Images API), POST /generate, GET /v1/models,
+    GET /healthz, OpenAPI at /docs. Every response carries X-CDM-Model / X-CDM-Model-Version.
+
+    Examples:
+
+        cdm serve --model models:/cdm-tiny-student@champion
+        cdm serve --model runs/tiny-abc123/student --port 8080
+        serve run deploy/serve.yaml        # Ray's own CLI, same file
+
+    Uses RAY_ADDRESS when set, else starts a local Ray instance. Ctrl-C stops the service.
+    """
+    from serving.launch import serve_forever
+
+    serve_forever(model, config, host, port, tracking_uri)
+
+
+@app.command("promote")
+@user_errors
+def promote_cmd(
+    name: str = typer.Argument(..., help="registered model name, e.g. cdm-tiny-student"),
+    version: Optional[str] = typer.Option(None, help="version to promote (default: the one aliased --source)"),
+    source: str = typer.Option("candidate", help="alias to promote from"),
+    alias: str = typer.Option("champion", help="alias to set"),
+    tracking_uri: Optional[str] = typer.Option(None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
+):
+    """Point an alias (default `champion`, what `cdm serve` serves) at a model version.
+
+    Example:
+
+        cdm promote cdm-tiny-student                 # candidate -> champion
+        cdm promote cdm-tiny-student --version 3
+    """
+    from mlflow.exceptions import MlflowException
+
+    from workflows import lineage
+
+    c = lineage.client(lineage.tracking_uri(tracking_uri))
+    try:
+        v = version or c.get_model_version_by_alias(name, source).version
+        c.get_model_version(name, v)
+        c.set_registered_model_alias(name, alias, v)
+        c.set_model_version_tag(name, v, f"cdm.promoted_to.{alias}", _command_line())
+    except MlflowException as e:
+        raise ValueError(f"promote: {e.message.splitlines()[0]}") from None
+    typer.echo(f"{name}@{alias} -> version {v}")
+
+
+@app.command("sweep")
+@user_errors
+def sweep_cmd(
+    config: str = typer.Option("sweep-tiny", help="sweep preset under configs/ or a YAML path"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. --set num_samples=8"),
+    dry_run: bool = typer.Option(False, help="print the trials and the resources they need, then exit"),
+):
+    """Ray Tune sweep over N_max, CFG scale, learning rate (any config field) with ASHA early stopping.
+
+    Examples:
+
+        cdm sweep --config sweep-tiny --dry-run
+        cdm sweep --config sweep-tiny
+
+    Resume: run the same command again (finished trials are not rerun, MLflow runs are reused).
+    """
+    import json
+
+    from tuning.sweep import main as sweep_main
+    from workflows.progress import console
+
+    out = sweep_main(config=config, overrides=list(set_ or []), dry_run=dry_run)
+    if out:
+        console.print_json(json.dumps(out, default=str))
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,223 @@
+"""Serving load benchmark: closed-loop HTTP load against the Ray Serve service, batching on and off,
+and the same sampler called in-process as the ceiling.
+
+    python benchmarks/serve_load.py                       # built-in teacher at 4 steps, 15 s per cell
+    python benchmarks/serve_load.py --model runs/<job>/student --duration 30
+
+Each cell runs ``concurrency`` clients that each send one request (OpenAI route, n=1, b64 PNG), wait for
+the answer and send the next, for ``--duration`` seconds after a warm-up. The service is configured from
+``deploy/serve.yaml`` (autoscaling, queue limits); batching off = ``user_config.max_batch_size: 1``,
+applied to the running replicas. Writes ``benchmarks/results/serving.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+PROMPTS = ["a photo of a sneaker", "a t-shirt", "a pair of trousers", "an ankle boot", "a handbag", "a dress",
+           "a coat", "a sandal", "a shirt", "a pullover"]
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+            f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def inprocess(folder: str, batches: list[int], seconds: float) -> list[dict]:
+    """The replica's own work (encode, padded 4-step sample, PNG, base64) without HTTP or Serve."""
+    import torch
+
+    from serving.generator import Generator, Job, png_bytes
+
+    torch.set_num_threads(1)
+    gen = Generator(folder)
+    rows = []
+    for b in batches:
+        jobs = [Job([PROMPTS[i % len(PROMPTS)]], 1, i, 4) for i in range(b)]
+        for _ in range(2):
+            gen.run(jobs)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n < 3:
+            out = gen.run(jobs)
+            [base64.b64encode(png_bytes(im[0])) for im in out]
+            n += 1
+        ms = (time.perf_counter() - t0) / n * 1000
+        rows.append({"batch": b, "images_per_s": round(b / ms * 1000, 2), "ms_per_call": round(ms, 2)})
+        print(f"in-process batch {b}: {ms:.1f} ms/call, {b / ms * 1000:.1f} images/s", flush=True)
+    return rows
+
+
+async def _closed_loop(url: str, concurrency: int, duration: float, warmup: float) -> dict:
+    import aiohttp
+
+    lat: list[float] = []
+    codes: dict[int, int] = {}
+    batches: list[int] = []
+    t_start = time.perf_counter()
+    t_measure = t_start + warmup
+    t_end = t_measure + duration
+
+    async def client(k: int, session):
+        i = k
+        while time.perf_counter() < t_end:
+            body = {"prompt": PROMPTS[i % len(PROMPTS)], "n": 1, "seed": i, "response_format": "b64_json"}
+            t0 = time.perf_counter()
+            try:
+                async with session.post(f"{url}/v1/images/generations", json=body) as r:
+                    await r.read()
+                    status, bs = r.status, r.headers.get("X-CDM-Batch-Size")
+            except aiohttp.ClientError:
+                status, bs = 599, None
+            t1 = time.perf_counter()
+            if t0 >= t_measure and t1 <= t_end:
+                lat.append((t1 - t0) * 1000)
+                codes[status] = codes.get(status, 0) + 1
+                if bs:
+                    batches.append(int(bs))
+            i += concurrency
+
+    conn = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
+        await asyncio.gather(*(client(k, session) for k in range(concurrency)))
+    ok = codes.get(200, 0)
+    return {"images_per_s": round(ok / duration, 2), "p50_ms": round(pct(lat, 50), 2),
+            "p95_ms": round(pct(lat, 95), 2), "p99_ms": round(pct(lat, 99), 2),
+            "errors_5xx": sum(v for k, v in codes.items() if 500 <= k < 600),
+            "errors_other": sum(v for k, v in codes.items() if k != 200 and not 500 <= k < 600),
+            "requests": sum(codes.values()),
+            "mean_batch": round(statistics.mean(batches), 2) if batches else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="builtin", help="model folder, models:/ URI or 'builtin'")
+    ap.add_argument("--config", default=str(ROOT / "deploy" / "serve.yaml"))
+    ap.add_argument("--concurrency", default="1,8,32")
+    ap.add_argument("--duration", type=float, default=15.0)
+    ap.add_argument("--warmup", type=float, default=3.0)
+    ap.add_argument("--max-batch-size", type=int, default=32, help="batching-on max_batch_size")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    a = ap.parse_args()
+
+    import ray
+    from ray import serve
+
+    from serving.launch import application, load_serve_config, resolve_args
+    from serving.source import resolve
+
+    conc = [int(c) for c in a.concurrency.split(",")]
+    cfg = load_serve_config(a.config)
+    app_cfg = cfg["applications"][0]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    args = resolve_args(app_cfg.get("args") or {}, a.model, None, url)
+    folder = resolve(args["model"], args.get("tracking_uri")).folder
+
+    ceiling = inprocess(folder, sorted(set([1, 8, 32] + conc)), seconds=min(5.0, a.duration))
+
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    deployments = [dict(d) for d in app_cfg.get("deployments") or []]
+    dep = deployments[0] if deployments else {"name": "ImageService"}
+    dep["max_ongoing_requests"] = max(dep.get("max_ongoing_requests", 32), a.max_batch_size)
+
+    replica_log: list[tuple[float, int]] = []
+    stop = threading.Event()
+    t_zero = time.time()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                st = serve.status().applications["cdm"].deployments["ImageService"].replica_states
+                replica_log.append((round(time.time() - t_zero, 1), int(st.get("RUNNING", 0))))
+            except Exception:
+                pass
+            time.sleep(1.0)
+
+    rows = []
+    for batching in (True, False):
+        dep["user_config"] = {"max_batch_size": a.max_batch_size if batching else 1, "batch_wait_timeout_s": 0.0}
+        serve.run(application(args, [dep]), name="cdm", route_prefix="/", blocking=False)
+        while serve.status().applications["cdm"].status != "RUNNING":
+            time.sleep(0.5)
+        if not replica_log:
+            threading.Thread(target=watch, daemon=True).start()
+        for c in conc:
+            res = asyncio.run(_closed_loop(url, c, a.duration, a.warmup))
+            row = {"concurrency": c, "batching": batching, **res}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    stop.set()
+    serve.shutdown()
+    ray.shutdown()
+
+    by_b = {r["batch"]: r for r in ceiling}
+    c1 = next(r for r in rows if r["concurrency"] == min(conc) and r["batching"])
+    c1_off = next(r for r in rows if r["concurrency"] == min(conc) and not r["batching"])
+    cmax = next(r for r in rows if r["concurrency"] == max(conc) and r["batching"])
+    ceil_max = by_b[max(conc)]
+    targets = {
+        "c1_p50_over_inprocess": round(c1["p50_ms"] / by_b[1]["ms_per_call"], 3),
+        "c1_p50_over_inprocess_batching_off": round(c1_off["p50_ms"] / by_b[1]["ms_per_call"], 3),
+        "c32_throughput_fraction_of_inprocess": round(cmax["images_per_s"] / ceil_max["images_per_s"], 3),
+        "zero_5xx": all(r["errors_5xx"] == 0 for r in rows),
+    }
+    targets["met"] = bool(targets["c1_p50_over_inprocess"] <= 1.2 and targets["c32_throughput_fraction_of_inprocess"]
+                          >= 0.7 and targets["zero_5xx"])
+    out = {"machine": machine(), "command": "python " + " ".join(sys.argv), "model": args["model"],
+           "duration_s": a.duration, "max_batch_size": a.max_batch_size, "rows": rows, "inprocess": ceiling,
+           "max_replicas_seen": max((n for _, n in replica_log), default=0), "replicas_over_time": replica_log,
+           "targets": targets}
+    od = Path(a.out)
+    od.mkdir(parents=True, exist_ok=True)
+    (od / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
+    md = [f"# Serving load ({out['machine']})", "", f"`{out['command']}`; model `{out['model']}` at 4 steps; "
+          f"{a.duration:.0f} s per cell after {a.warmup:.0f} s warm-up; closed loop, OpenAI route, n=1.", "",
+          "| concurrency | batching | images/s | p50 ms | p95 ms | p99 ms | mean batch | 5xx | other errors |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['concurrency']} | {'on' if r['batching'] else 'off'} | {r['images_per_s']} | {r['p50_ms']} | "
+                  f"{r['p95_ms']} | {r['p99_ms']} | {r['mean_batch']} | {r['errors_5xx']} | {r['errors_other']} |")
+    md += ["", "In-process ceiling (the replica's work: encode, 4-step sample, PNG, base64; no HTTP):", "",
+           "| batch | images/s | ms per call |", "|---|---|---|"]
+    md += [f"| {r['batch']} | {r['images_per_s']} | {r['ms_per_call']} |" for r in ceiling]
+    md += ["", f"Max replicas seen: {out['max_replicas_seen']}.", "",
+           f"Targets: c=1 HTTP p50 / in-process batch 1 = {targets['c1_p50_over_inprocess']} (batching off: "
+           f"{targets['c1_p50_over_inprocess_batching_off']}; target <= 1.2); c={max(conc)} batching throughput / "
+           f"in-process batch {max(conc)} = {targets['c32_throughput_fraction_of_inprocess']} (target >= 0.7); "
+           f"zero 5xx: {targets['zero_5xx']}. All met: {targets['met']}."]
+    (od / "serving.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

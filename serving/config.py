@@ -1,0 +1,49 @@
+"""Typed arguments of the serving application (``deploy/serve.yaml`` ``args`` and ``user_config``).
+
+``ServeArgs`` is fixed for a deployment's life (what is served and the request limits);
+``BatchingConfig`` is the deployment's ``user_config``: Serve applies a change to running replicas
+through ``reconfigure`` without restarting them.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from workflows.config import Strict
+
+NATIVE_SCALES = (1, 2, 4, 8)  # OpenAI ``size`` may ask for the native size or these upscales (nearest)
+
+
+class ServeArgs(Strict):
+    model: str = Field("builtin", min_length=1,
+                       description="models:/<name>@<alias>, models:/<name>/<version>, a local model folder, or "
+                                   "'builtin' (the built-in teacher, run at 4 steps)")
+    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI "
+                                                       "or sqlite:///mlflow.db)")
+    app_name: str = Field("cdm", min_length=1)
+    public_url: str | None = Field(None, description="where clients reach the service (recorded on the model version)")
+    allowed_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    default_steps: int = Field(4, ge=1, le=1000)
+    max_prompt_chars: int = Field(512, ge=1, le=100_000)
+    max_n: int = Field(8, ge=1, le=256, description="images per prompt")
+    max_prompts: int = Field(8, ge=1, le=256, description="prompts per /generate request")
+    max_images: int = Field(32, ge=1, le=4096, description="images per request in all")
+    min_forward_batch: int = Field(4, ge=1, le=256,
+                                   description="pad model forwards to at least this many rows: CPU GEMMs on fewer "
+                                               "rows take another kernel and differ by ~1e-6, which would make the "
+                                               "same seed give different bytes alone and in a batch")
+    cache_dir: str | None = Field(None, description="where models:/ artifacts are downloaded (default ~/.cache/cdm)")
+
+    @field_validator("allowed_steps")
+    @classmethod
+    def _steps(cls, v: list[int]) -> list[int]:
+        if any(s < 1 or s > 1000 for s in v):
+            raise ValueError("every allowed step count must be in 1..1000")
+        return sorted(set(v))
+
+
+class BatchingConfig(Strict):
+    """``user_config`` of the deployment: live-tunable dynamic batching."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="requests per model call; 1 turns batching off")
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0, le=10.0)
