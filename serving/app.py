@@ -51,7 +51,7 @@ async def _validation_error(request: Request, exc: RequestValidationError):
         return _error(400, f"body: malformed JSON ({first.get('msg')})", "body", "json_invalid")
     if first.get("type") == "model_attributes_type" or not loc:
         return _error(400, f"body: {first.get('msg')} (expected a JSON object)", "body", "invalid_body")
-    param = ".".join(p for p in loc if not p.isdigit()) or loc[0]
+    param = loc[0]  # the top-level field (deeper parts are union members / list indices)
     if first.get("type") == "extra_forbidden":
         return _error(400, f"{param}: unknown field", param, "unknown_field")
     return _error(400, f"{param}: {first.get('msg')}", param, "invalid_value")

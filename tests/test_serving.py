@@ -43,7 +43,7 @@ def registry(tmp_path_factory):
     mv = c.create_model_version(NAME, f"{run.info.artifact_uri}/student", run_id=run.info.run_id,
                                 tags={"cdm.teacher": str(DEFAULT_TEACHER)})
     c.set_registered_model_alias(NAME, "champion", mv.version)
-    return {"uri": uri, "client": c, "version": mv.version, "run_id": run.info.run_id, "cache": str(d / "cache")}
+    return {"uri": uri, "client": c, "version": str(mv.version), "run_id": run.info.run_id, "cache": str(d / "cache")}
 
 
 @pytest.fixture(scope="module")
