@@ -61,7 +61,8 @@ def service(ray_cluster, registry):
     def deploy(**opts):
         base = {"name": "ImageService", "num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 32,
                 "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
-                "ray_actor_options": {"num_cpus": 0.5}}
+                "ray_actor_options": {"num_cpus": 0.5},
+                "graceful_shutdown_timeout_s": 2, "graceful_shutdown_wait_loop_s": 0.5}
         base.update(opts)
         if base.get("autoscaling_config"):
             base.pop("num_replicas")
