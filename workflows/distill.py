@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -177,12 +178,29 @@ def export_student(ckpt: Path, teacher: Path, out: Path, cfg: DistillConfig, tag
     return save_model_folder(model, out, meta)
 
 
-def run_distill(cfg: DistillConfig, command: str = "") -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-    from ray.train.torch import TorchTrainer
+@dataclass
+class Job:
+    """A prepared distillation job: its config, paths, MLflow run and cached prompt embeddings."""
 
-    from workflows.evaluation import evaluate_folder, folder_hash
-    from workflows.train_worker import train_loop_per_worker
+    cfg: DistillConfig
+    key: str
+    teacher: Path
+    teacher_hash: str
+    storage: Path
+    job_dir: Path
+    uri: str
+    client: object
+    run_id: str
+    resumed: bool
+    tags: dict
+    embeddings: Path
+
+
+def prepare(cfg: DistillConfig, command: str = "", parent_run_id: str | None = None,
+            extra_tags: dict | None = None) -> Job:
+    """Resolve inputs, find or create the job's MLflow run (nested under ``parent_run_id`` when given),
+    log params and compute (or reuse) the prompt embeddings."""
+    from workflows.evaluation import folder_hash
 
     teacher = teacher_path(cfg)
     prompts = load_prompts(cfg)
@@ -202,23 +220,43 @@ def run_distill(cfg: DistillConfig, command: str = "") -> dict:
             "cdm.code_version": lineage.code_version(), "cdm.ray_job_id": str(submission),
             "cdm.checkpoint_path": str(job_dir), "cdm.zero_stage": str(cfg.deepspeed.zero_stage),
             **({"cdm.command": command[:1000]} if command else {})}
-    run_id, resumed = lineage.find_or_create_run(c, cfg.mlflow.experiment, key, key, tags)
-    for k, v in tags.items():  # a resumed job records where it runs now
+    run_tags = {**tags, **(extra_tags or {})}
+    if parent_run_id:
+        run_tags["mlflow.parentRunId"] = parent_run_id
+    run_id, resumed = lineage.find_or_create_run(c, cfg.mlflow.experiment, key, key, run_tags,
+                                                 parent_run_id=parent_run_id)
+    for k, v in run_tags.items():  # a resumed job records where it runs now
         c.set_tag(run_id, k, v)
     lineage.log_params_once(c, run_id, flatten(cfg.model_dump(mode="json")))
     console.print(f"[cdm] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}")
     emb = prompt_embeddings(prompts, t_hash, storage)
+    return Job(cfg, key, teacher, t_hash, storage, job_dir, uri, c, run_id, resumed, tags, emb)
 
+
+def train(job: Job, callbacks: list | None = None, val_to_mlflow: bool = True) -> tuple[Path, float]:
+    """Run the TorchTrainer to ``train.student_steps`` (resuming from the job's checkpoints).
+
+    ``callbacks`` go to the Train run config (a sweep passes ``TuneReportCallback``); with
+    ``val_to_mlflow=False`` the workers leave the validation metrics to the caller (the sweep driver
+    logs them from Tune's results). Returns (final checkpoint, train wall seconds)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows.train_worker import train_loop_per_worker
+
+    cfg, c, run_id = job.cfg, job.client, job.run_id
     t0 = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "teacher_path": str(teacher), "embeddings": str(emb),
-                           "run_id": run_id, "tracking_uri": uri, "job_dir": str(job_dir),
-                           "config_hash": config_hash(cfg)},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "teacher_path": str(job.teacher),
+                           "embeddings": str(job.embeddings), "run_id": run_id, "tracking_uri": job.uri,
+                           "job_dir": str(job.job_dir), "config_hash": config_hash(cfg),
+                           "val_to_mlflow": val_to_mlflow},
         scaling_config=scaling_config(cfg),
-        run_config=RunConfig(name=key, storage_path=str(storage),
+        run_config=RunConfig(name=job.key, storage_path=str(job.storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_to_keep),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             callbacks=list(callbacks or [])),
     )
     try:
         result = trainer.fit()
@@ -226,31 +264,47 @@ def run_distill(cfg: DistillConfig, command: str = "") -> dict:
         c.set_terminated(run_id, status="FAILED")
         msg = str(e).strip().splitlines()
         detail = next((ln for ln in reversed(msg) if "Error" in ln or "error" in ln), msg[-1] if msg else repr(e))
-        raise RuntimeError(f"distillation job {key} failed: {detail.strip()} "
+        raise RuntimeError(f"distillation job {job.key} failed: {detail.strip()} "
                            f"(rerun the same command to resume from the last checkpoint)") from None
     train_s = time.time() - t0
-    final = latest_checkpoint(job_dir)
+    final = latest_checkpoint(job.job_dir)
     if final is None and result.checkpoint is not None:
         final = Path(result.checkpoint.path)
+    return final, train_s
+
+
+def finish(job: Job, final: Path, metrics: dict | None = None) -> dict:
+    """Export the EMA student of ``final``, evaluate it on the test set (``cfg.eval``), log and register it."""
+    from workflows.evaluation import evaluate_folder
+
+    cfg, c, run_id, job_dir = job.cfg, job.client, job.run_id, job.job_dir
     out = job_dir / "student"
-    folder = export_student(final, teacher, out, cfg, {"mlflow_run_id": run_id, "job_key": key,
-                                                      "teacher": str(teacher), "teacher_hash": t_hash})
+    folder = export_student(final, job.teacher, out, cfg, {"mlflow_run_id": run_id, "job_key": job.key,
+                                                          "teacher": str(job.teacher),
+                                                          "teacher_hash": job.teacher_hash})
     ev_cfg = build(EvalConfig, dict(steps=4, n_samples=cfg.eval.n_samples, seeds=cfg.eval.seeds,
                                     reference_steps=cfg.eval.reference_steps))
-    ev = evaluate_folder(folder, ev_cfg, job_dir / "eval", teacher)
-    metrics = {f"eval.{k}": ev[k]["mean"] for k in ("fd", "adherence", "precision", "recall", "hf_gap",
-                                                    "mse_to_teacher100") if k in ev}
-    metrics["train.wall_s"] = train_s
-    lineage.log_metrics(c, run_id, [(cfg.train.student_steps, metrics)])
+    ev = evaluate_folder(folder, ev_cfg, job_dir / "eval", job.teacher)
+    metrics = {**{f"eval.{k}": ev[k]["mean"] for k in ("fd", "adherence", "precision", "recall", "hf_gap",
+                                                       "mse_to_teacher100") if k in ev}, **(metrics or {})}
+    step = json.loads((final / "meta.json").read_text()).get("student_steps", cfg.train.student_steps) \
+        if (final / "meta.json").exists() else cfg.train.student_steps
+    lineage.log_metrics(c, run_id, [(int(step), metrics)])
     c.log_artifacts(run_id, str(folder), "student")
     c.log_artifact(run_id, str(job_dir / "eval" / "eval.json"), "eval")
     c.log_artifact(run_id, str(job_dir / "eval" / "grid.png"), "eval")
-    version = register(c, cfg.mlflow.registered_model, run_id, tags, metrics)
+    version = register(c, cfg.mlflow.registered_model, run_id, job.tags, metrics)
     c.set_terminated(run_id, status="FINISHED")
-    summary = {"job_key": key, "run_id": run_id, "model": cfg.mlflow.registered_model, "version": version,
-               "student_folder": str(folder), "checkpoint": str(final), "tracking_uri": uri, **metrics}
+    summary = {"job_key": job.key, "run_id": run_id, "model": cfg.mlflow.registered_model, "version": version,
+               "student_folder": str(folder), "checkpoint": str(final), "tracking_uri": job.uri, **metrics}
     (job_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def run_distill(cfg: DistillConfig, command: str = "") -> dict:
+    job = prepare(cfg, command)
+    final, train_s = train(job)
+    return finish(job, final, {"train.wall_s": train_s})
 
 
 def register(c, name: str, run_id: str, tags: dict, metrics: dict) -> str:

@@ -89,6 +89,17 @@ class EvalSection(Strict):
     n_samples: int = Field(1000, ge=10, le=1_000_000)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     reference_steps: int = Field(0, ge=0, le=1000, description="0 = skip mse_to_teacher100 (costly on CPU)")
+    # validation during training (what a sweep optimises): a different noise seed from the test seeds above
+    val_every: int = Field(0, ge=0, description="student steps between validation evaluations (0 = off)")
+    val_n_samples: int = Field(500, ge=10, le=1_000_000)
+    val_seed: int = Field(100, ge=0, description="validation noise seed; must not be one of the test seeds")
+
+    @model_validator(mode="after")
+    def _val_not_test(self):
+        if self.val_every and self.val_seed in self.seeds:
+            raise ValueError(f"val_seed ({self.val_seed}) is one of the test seeds {self.seeds}: "
+                             "validation must not use the test set")
+        return self
 
 
 class DistillConfig(Strict):

@@ -57,6 +57,10 @@ def train_loop_per_worker(config: dict) -> None:
     (job_dir / "pids").mkdir(parents=True, exist_ok=True)
     node = ray.get_runtime_context().get_node_id()
     (job_dir / "pids" / f"rank{rank}.pid").write_text(f"{os.getpid()} {node}\n")
+    pg = ray.util.get_current_placement_group()
+    if rank == 0 and pg is not None:  # a sweep frees the group of a trial its scheduler stopped (tuning.sweep)
+        with open(job_dir / "pids" / "placement_groups.txt", "a") as f:
+            f.write(pg.id.hex() + "\n")
 
     meta = read_meta(config["teacher_path"])
     teacher = load_transformer(config["teacher_path"], dev)
@@ -131,6 +135,10 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             buffer.flush(c, run_id)
 
+    val_every = cfg.eval.val_every
+    validator = Validator(cfg, meta, dev) if val_every and rank == 0 else None
+    val_to_mlflow = config.get("val_to_mlflow", True)
+
     while step.student_steps < total:
         cond = prompt_batch(shard, b, cfg.cdm.seed * 7919 + rank, iteration).to(dev)
         res = step(iteration, cond, empty_b, shape, device=dev, dtype=dtype)
@@ -164,8 +172,45 @@ def train_loop_per_worker(config: dict) -> None:
                     flush=True)
         if rank == 0 and (s % cfg.train.sample_every == 0 or s == total):
             _log_grid(c, run_id, ema, s, prompts, empty, shape, dev, meta)
-        if s % cfg.train.checkpoint_every == 0 or s == total:
-            save_and_report({"student_steps": s, "iteration": iteration})
+        val_due = bool(val_every) and s % val_every == 0
+        if s % cfg.train.checkpoint_every == 0 or s == total or val_due:
+            report = {"student_steps": s, "iteration": iteration}
+            if validator is not None:  # every report carries the validation metrics (a sweep's scheduler reads them)
+                val = validator(ema)
+                report.update(val)
+                print(f"[cdm] step {s}/{total} validation " + " ".join(f"{k}={v:.4g}" for k, v in val.items()),
+                      flush=True)
+                if val_to_mlflow:
+                    buffer.add(s, val)
+            save_and_report(report)
+
+
+class Validator:
+    """Validation metrics of the EMA student: 4-step samples on the held-out prompts with noise seed
+    ``eval.val_seed`` (never a test seed), scored by the evaluator like the final evaluation."""
+
+    def __init__(self, cfg, meta, dev):
+        from cdm_core.schedule import inference_levels
+        from workflows.config import DEFAULT_EVALUATOR
+        from workflows.evaluation import eval_set
+        from workflows.evaluator import Evaluator
+
+        self.es = eval_set(cfg.eval.val_n_samples, cfg.eval.val_seed, (meta.channels, meta.image_size,
+                                                                        meta.image_size))
+        self.levels = inference_levels(4, cfg.cdm.shift)
+        self.ev = Evaluator.load(DEFAULT_EVALUATOR)
+        self.dev = dev
+
+    @torch.no_grad()
+    def __call__(self, ema) -> dict[str, float]:
+        from workflows.evaluation import generate, score
+
+        model = ema.shadow.to(self.dev)
+        was_training = model.training
+        model.eval()
+        imgs = generate(model, self.es, self.levels, 1.0, 500, self.dev)
+        model.train(was_training)
+        return {f"val_{k}": float(v) for k, v in score(self.ev, imgs, self.es.labels, None).items()}
 
 
 @torch.no_grad()
