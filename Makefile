@@ -29,7 +29,7 @@ run: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/cdm run
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=20 tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -119,7 +119,10 @@ class ImageService:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _batched(self, jobs: list[Job]) -> list[tuple]:
-        images = await asyncio.to_thread(self.gen.run, jobs)
+        # Let the loop flush the previous batch's responses and take in new requests first: the sampler then
+        # runs inline (in a thread it would fight the event loop for the GIL after every torch op).
+        await asyncio.sleep(0.001)
+        images = self.gen.run(jobs)
         self.batch_sizes.append(len(jobs))
         return [(im, len(jobs)) for im in images]
 
