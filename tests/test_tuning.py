@@ -149,7 +149,8 @@ def test_asha_sweep_stops_a_bad_trial_nests_runs_and_aliases_the_best_candidate(
         assert steps and steps == sorted(set(steps)), steps  # a curve, each step once
     stopped = [r for r in children if r.data.tags.get("cdm.sweep.stopped_early") == "true"]
     assert stopped and all(r.info.status == "KILLED" for r in stopped)
-    assert all(float(r.data.params["optim.lr_student"]) in BAD_LRS for r in stopped)
+    # both bad learning rates are cut at their first rung (a good lr may be too: ASHA keeps the better half)
+    assert set(BAD_LRS) <= {float(r.data.params["optim.lr_student"]) for r in stopped}
     # the best trial: registered, aliased `candidate`, evaluated on the test set
     mv = c.get_model_version_by_alias("sweep-test", "candidate")
     assert mv.run_id == res["best"]["run_id"] == by_lr[res["best"]["config"]["optim.lr_student"]].info.run_id
