@@ -4,6 +4,7 @@ with Ray Serve and block until interrupted. ``serve run deploy/serve.yaml`` runs
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -92,6 +93,11 @@ def serve_forever(model: str | None, config: str | Path | None, host: str | None
     info = {"url": url, "model": args["model"], "application": app.get("name", "cdm")}
     if not block:
         return info
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # `kill PID` stops the service as Ctrl-C does
     try:
         while True:
             time.sleep(5)

@@ -291,3 +291,24 @@ def test_killed_replica_is_replaced_and_serving_continues(service):
     assert victim not in new_pids and len(new_pids - pids) >= 1, (pids, new_pids)
     assert codes.count(200) >= 0.9 * len(codes) and codes[-5:] == [200] * 5, codes
     deploy()
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda d: d["applications"][0]["deployments"][0].update(max_replica=3), "max_replica: unknown deployment option"),
+    (lambda d: d["applications"][0]["deployments"][0]["user_config"].update(max_batch_size=0), "max_batch_size"),
+    (lambda d: d["applications"][0]["args"].update(max_n=0), "max_n"),
+    (lambda d: d["applications"][0]["args"].update(colour="red"), "colour: unknown field"),
+    (lambda d: d.update(applications=[]), "exactly one application"),
+])
+def test_bad_serve_config_is_rejected_naming_the_field(tmp_path, edit, needle):
+    import yaml
+
+    from serving.launch import DEFAULT_CONFIG, load_serve_config
+
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    load_serve_config(DEFAULT_CONFIG)  # the shipped file is valid
+    edit(data)
+    p = tmp_path / "serve.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ValueError, match=needle):
+        load_serve_config(p)
