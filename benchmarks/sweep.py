@@ -150,9 +150,18 @@ def markdown(o: dict) -> str:
                   f"**Target (winner beats the default on validation and keeps the lead on test): "
                   f"{'met' if o['target_met'] else 'not met'}** — val {b['val']:.3f} vs {d['val']:.3f}, "
                   f"test {b['test']:.3f} vs {d['test']:.3f}.", ""]
-    lines += ["Per-trial table and plots (metric vs each parameter, learning curves): `sweep_work/report/`.",
-              "CPU time is `RUSAGE_CHILDREN` of the phase's process tree (driver, Ray, trial drivers, workers);",
-              "the machine was shared with other work, so wall times are upper bounds.", ""]
+    lines += ["Per-trial table and plots (metric vs each parameter, learning curves): `sweep_work/report/`.", "",
+              "- CPU time is `RUSAGE_CHILDREN` of the phase's child process: it counts only the processes that "
+              "were reaped up that tree. Ray's worker processes (trial drivers, Train workers) mostly are not "
+              "(they outlive the raylet at shutdown), so `cpu_s` is a **lower bound**; wall time x 2 cores is "
+              "the upper bound. The machine was shared with other test runs, so wall times are upper bounds too.",
+              "- The validation metric (seed 100) chose the winner; the test numbers (seed 0) were computed once, "
+              "after the sweep, for the winner and the default only. One test seed at N=1000: the ablation "
+              "table's seed-to-seed FD spread at this N is 0.1-0.4, so a 1.0 lead is outside that noise, "
+              "but this is one sweep with one searcher seed.",
+              "- Learning curves drift up after 20-40 steps for most recipes (as in the ablation); ASHA compares "
+              "trials at the same step, and the winner is the best *last* validation FD of its trial, exported "
+              "from the checkpoint that produced it.", ""]
     return "\n".join(lines)
 
 

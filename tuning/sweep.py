@@ -475,7 +475,7 @@ def finalize(sweep, base, trial_base, space, key, parent, grid, exp_path, t_star
     # the best trial: export its EMA student at the reported step, evaluate on the test set, register, alias
     best_cfg = trial_config(trial_base.model_dump(mode="json"), {p: best[p] for p in space.paths})
     job = distill.prepare(best_cfg, command, parent_run_id=parent,
-                          extra_tags={SWEEP_TAG: key, "cdm.sweep.best": "true"})
+                          extra_tags={SWEEP_TAG: key, "cdm.sweep.best": "true"}, check_resume=False)
     ck = _checkpoint_at(job.job_dir, best["student_steps"])
     if ck is None:
         raise RuntimeError(f"sweep {key}: the best trial {best['trial_id']} has no complete checkpoint in "

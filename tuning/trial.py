@@ -33,7 +33,8 @@ def run_trial(config: dict, base: dict, sweep: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     job = distill.prepare(cfg, command=sweep.get("command", ""), parent_run_id=sweep["parent_run_id"],
                           extra_tags={"cdm.sweep_key": sweep["key"], "cdm.sweep.trial_id": str(trial_id),
-                                      "cdm.sweep.params": json.dumps(config, sort_keys=True)[:5000]})
+                                      "cdm.sweep.params": json.dumps(config, sort_keys=True)[:5000]},
+                          check_resume=False)
     # the driver logs the validation curve from Tune's results (this process may be stopped by ASHA)
     _, train_s = distill.train(job, callbacks=[TuneReportCallback()], val_to_mlflow=False)
     job.client.log_metric(job.run_id, "train.wall_s", train_s, step=cfg.train.student_steps)

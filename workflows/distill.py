@@ -197,9 +197,11 @@ class Job:
 
 
 def prepare(cfg: DistillConfig, command: str = "", parent_run_id: str | None = None,
-            extra_tags: dict | None = None) -> Job:
+            extra_tags: dict | None = None, check_resume: bool = True) -> Job:
     """Resolve inputs, find or create the job's MLflow run (nested under ``parent_run_id`` when given),
-    log params and compute (or reuse) the prompt embeddings."""
+    log params and compute (or reuse) the prompt embeddings. ``check_resume=False`` skips the early check
+    of the newest checkpoint folder (a sweep trial killed mid-save leaves one that Ray Train never
+    committed and will not resume from)."""
     from workflows.evaluation import folder_hash
 
     teacher = teacher_path(cfg)
@@ -209,7 +211,7 @@ def prepare(cfg: DistillConfig, command: str = "", parent_run_id: str | None = N
     job_dir = storage / key
     uri = lineage.tracking_uri(cfg.mlflow.tracking_uri)
     ckpt = latest_checkpoint(job_dir)
-    if ckpt is not None:
+    if ckpt is not None and check_resume:
         check_checkpoint(ckpt)
         console.print(f"[cdm] job {key}: resuming from {ckpt}")
     t_hash = folder_hash(teacher)
