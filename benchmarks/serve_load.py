@@ -80,6 +80,7 @@ async def _closed_loop(url: str, concurrency: int, duration: float, warmup: floa
     lat: list[float] = []
     codes: dict[int, int] = {}
     batches: list[int] = []
+    sample_ms: list[float] = []
     t_start = time.perf_counter()
     t_measure = t_start + warmup
     t_end = t_measure + duration
@@ -93,8 +94,9 @@ async def _closed_loop(url: str, concurrency: int, duration: float, warmup: floa
                 async with session.post(f"{url}/v1/images/generations", json=body) as r:
                     await r.read()
                     status, bs = r.status, r.headers.get("X-CDM-Batch-Size")
+                    st = r.headers.get("Server-Timing", "")
             except aiohttp.ClientError:
-                status, bs = 599, None
+                status, bs, st = 599, None, ""
             t1 = time.perf_counter()
             if t_measure <= t1 <= t_end:  # completions inside the window (a start-and-end rule undercounts
                 # requests whose latency is a sizeable part of the window)
@@ -102,6 +104,8 @@ async def _closed_loop(url: str, concurrency: int, duration: float, warmup: floa
                 codes[status] = codes.get(status, 0) + 1
                 if bs:
                     batches.append(int(bs))
+                if "dur=" in st:
+                    sample_ms.append(float(st.split("dur=")[1]))
             i += concurrency
 
     conn = aiohttp.TCPConnector(limit=concurrency)
@@ -113,7 +117,8 @@ async def _closed_loop(url: str, concurrency: int, duration: float, warmup: floa
             "errors_5xx": sum(v for k, v in codes.items() if 500 <= k < 600),
             "errors_other": sum(v for k, v in codes.items() if k != 200 and not 500 <= k < 600),
             "requests": sum(codes.values()),
-            "mean_batch": round(statistics.mean(batches), 2) if batches else None}
+            "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+            "mean_sample_ms": round(statistics.mean(sample_ms), 2) if sample_ms else None}
 
 
 def main() -> None:
@@ -207,11 +212,12 @@ def main() -> None:
     (od / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
     md = [f"# Serving load ({out['machine']})", "", f"`{out['command']}`; model `{out['model']}` at 4 steps; "
           f"{a.duration:.0f} s per cell after {a.warmup:.0f} s warm-up; closed loop, OpenAI route, n=1.", "",
-          "| concurrency | batching | images/s | p50 ms | p95 ms | p99 ms | mean batch | 5xx | other errors |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| concurrency | batching | images/s | p50 ms | p95 ms | p99 ms | mean batch | sample ms/batch | 5xx | other |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['concurrency']} | {'on' if r['batching'] else 'off'} | {r['images_per_s']} | {r['p50_ms']} | "
-                  f"{r['p95_ms']} | {r['p99_ms']} | {r['mean_batch']} | {r['errors_5xx']} | {r['errors_other']} |")
+                  f"{r['p95_ms']} | {r['p99_ms']} | {r['mean_batch']} | {r['mean_sample_ms']} | {r['errors_5xx']} | "
+                  f"{r['errors_other']} |")
     md += ["", "In-process ceiling (the replica's work: encode, 4-step sample, PNG, base64; no HTTP):", "",
            "| batch | images/s | ms per call |", "|---|---|---|"]
     md += [f"| {r['batch']} | {r['images_per_s']} | {r['ms_per_call']} |" for r in ceiling]

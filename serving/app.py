@@ -16,6 +16,7 @@ import base64
 import logging
 import os
 import secrets
+import sys
 import time
 from collections import deque
 
@@ -94,6 +95,9 @@ class ImageService:
         from serving.source import record_serving, resolve
 
         self.args = ServeArgs.model_validate(args)
+        # the sampler releases the GIL in every torch op; with Serve's request threads busy it would then wait
+        # out the default 5 ms switch interval each time (a GIL convoy that halved throughput under load)
+        sys.setswitchinterval(self.args.gil_switch_interval_s)
         self.served = resolve(self.args.model, self.args.tracking_uri, self.args.cache_dir)
         self.gen = Generator(self.served.folder, self.args.min_forward_batch)
         if self.args.default_steps not in self.args.allowed_steps:
@@ -122,13 +126,16 @@ class ImageService:
         # Let the loop flush the previous batch's responses and take in new requests first: the sampler then
         # runs inline (in a thread it would fight the event loop for the GIL after every torch op).
         await asyncio.sleep(0.001)
+        t0 = time.perf_counter()
         images = self.gen.run(jobs)
+        ms = (time.perf_counter() - t0) * 1000
         self.batch_sizes.append(len(jobs))
-        return [(im, len(jobs)) for im in images]
+        return [(im, len(jobs), ms) for im in images]
 
     async def _run(self, job: Job):
-        images, batch = await self._batched(job)
-        return images, {"X-CDM-Seed": str(job.seed), "X-CDM-Batch-Size": str(batch), "X-CDM-Steps": str(job.steps)}
+        images, batch, ms = await self._batched(job)
+        return images, {"X-CDM-Seed": str(job.seed), "X-CDM-Batch-Size": str(batch), "X-CDM-Steps": str(job.steps),
+                        "Server-Timing": f"sample;dur={ms:.1f}"}
 
     def _check_model(self, name: str | None) -> None:
         s = self.served

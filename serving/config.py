@@ -32,6 +32,8 @@ class ServeArgs(Strict):
                                    description="pad model forwards to at least this many rows: CPU GEMMs on fewer "
                                                "rows take another kernel and differ by ~1e-6, which would make the "
                                                "same seed give different bytes alone and in a batch")
+    gil_switch_interval_s: float = Field(0.0005, gt=0.0, le=0.1,
+                                         description="sys.setswitchinterval in replicas (Python default 0.005)")
     cache_dir: str | None = Field(None, description="where models:/ artifacts are downloaded (default ~/.cache/cdm)")
 
     @field_validator("allowed_steps")
