@@ -86,10 +86,10 @@ def serve_forever(model: str | None, config: str | Path | None, host: str | None
         addr = os.environ.get("RAY_ADDRESS")
         ray.init(address=addr) if addr else ray.init(include_dashboard=False)
     serve.start(http_options=http)
-    console.print(f"[cdm] deploying {args['model']} as application '{app.get('name', 'cdm')}'")
+    console.print(f"\\[cdm] deploying {args['model']} as application '{app.get('name', 'cdm')}'")
     serve.run(application(args, app.get("deployments")), name=app.get("name", "cdm"),
               route_prefix=app.get("route_prefix", "/"), blocking=False)
-    console.print(f"[cdm] serving at {url}  (OpenAPI: {url}/docs, health: {url}/healthz); Ctrl-C stops")
+    console.print(f"\\[cdm] serving at {url}  (OpenAPI: {url}/docs, health: {url}/healthz); Ctrl-C stops")
     info = {"url": url, "model": args["model"], "application": app.get("name", "cdm")}
     if not block:
         return info
@@ -102,6 +102,6 @@ def serve_forever(model: str | None, config: str | Path | None, host: str | None
         while True:
             time.sleep(5)
     except KeyboardInterrupt:
-        console.print("[cdm] shutting down")
+        console.print("\\[cdm] shutting down")
         serve.shutdown()
     return info

@@ -213,7 +213,7 @@ def prepare(cfg: DistillConfig, command: str = "", parent_run_id: str | None = N
     ckpt = latest_checkpoint(job_dir)
     if ckpt is not None and check_resume:
         check_checkpoint(ckpt)
-        console.print(f"[cdm] job {key}: resuming from {ckpt}")
+        console.print(f"\\[cdm] job {key}: resuming from {ckpt}")
     t_hash = folder_hash(teacher)
     c = lineage.client(uri)
     _init_ray(cfg)
@@ -230,7 +230,7 @@ def prepare(cfg: DistillConfig, command: str = "", parent_run_id: str | None = N
     for k, v in run_tags.items():  # a resumed job records where it runs now
         c.set_tag(run_id, k, v)
     lineage.log_params_once(c, run_id, flatten(cfg.model_dump(mode="json")))
-    console.print(f"[cdm] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}")
+    console.print(f"\\[cdm] MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {uri}")
     emb = prompt_embeddings(prompts, t_hash, storage)
     return Job(cfg, key, teacher, t_hash, storage, job_dir, uri, c, run_id, resumed, tags, emb)
 
