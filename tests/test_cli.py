@@ -15,12 +15,12 @@ def run(*args, timeout=300):
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("run", "eval", "sample", "teacher", "evaluator", "distill"):
+    for cmd in ("run", "eval", "sample", "teacher", "evaluator", "distill", "sweep", "promote", "serve"):
         assert cmd in out.stdout
 
 
 @pytest.mark.parametrize("cmd", [["run"], ["eval"], ["sample"], ["teacher", "train"], ["evaluator", "train"],
-                                 ["distill"]])
+                                 ["distill"], ["sweep"], ["promote"], ["serve"]])
 def test_every_command_has_help_with_examples(cmd):
     out = run(*cmd, "--help")
     assert out.returncode == 0, out.stderr
@@ -70,3 +70,22 @@ def test_eval_writes_json_and_grid(tmp_path):
         assert set(res[k]) == {"mean", "std"}
     assert len(res["per_seed"]) == 2 and res["per_seed"][0]["fd"] != res["per_seed"][1]["fd"]
     assert (tmp_path / "grid.png").exists()
+
+
+def test_promote_moves_champion_to_the_candidate(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    c.create_registered_model("m")
+    v1 = c.create_model_version("m", str(tmp_path / "a"))
+    v2 = c.create_model_version("m", str(tmp_path / "b"))
+    c.set_registered_model_alias("m", "candidate", v2.version)
+    out = run("promote", "m", "--tracking-uri", uri)
+    assert out.returncode == 0, out.stderr
+    assert c.get_model_version_by_alias("m", "champion").version == v2.version
+    out = run("promote", "m", "--version", str(v1.version), "--tracking-uri", uri)
+    assert out.returncode == 0 and c.get_model_version_by_alias("m", "champion").version == v1.version
+    bad = run("promote", "nope", "--tracking-uri", uri)
+    err = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(err) == 1 and err[0].startswith("error: promote:"), bad.stderr
