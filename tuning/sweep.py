@@ -24,6 +24,7 @@ from tuning.space import Space, parse_space
 from tuning.sweep_config import SweepConfig, load_sweep, sweep_key
 from workflows import lineage
 from workflows.config import flatten
+from workflows.distill import init_ray
 from workflows.distill_config import DistillConfig
 from workflows.progress import console
 
@@ -262,18 +263,6 @@ def trial_dirname(trial) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- run
-def _init_ray(peak_cpus: float) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    addr = os.environ.get("RAY_ADDRESS")
-    if addr:
-        ray.init(address=addr, log_to_driver=True)
-    else:
-        ray.init(num_cpus=max(math.ceil(peak_cpus), os.cpu_count() or 1), include_dashboard=False)
-
-
 def _check_fits(p: dict) -> None:
     import ray
 
@@ -370,7 +359,7 @@ def run(sweep: SweepConfig, base: DistillConfig, space: Space, key: str, p: dict
         **{f"base.{k}": v for k, v in flatten(base.model_dump(mode="json")).items()}})
     console.print(f"\\[sweep] MLflow parent run {parent} ({'resumed' if resumed else 'new'}) at {uri}")
 
-    _init_ray(p["resources"]["peak"].get("cpus", 1))
+    init_ray(p["resources"]["peak"].get("cpus", 1))
     _check_fits(p)
     teacher = teacher_path(base)
     prompt_embeddings(load_prompts(base), folder_hash(teacher), storage)  # once, before the trials

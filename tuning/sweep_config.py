@@ -8,10 +8,9 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from workflows.config import ConfigError, Strict, _merge, build, parse_overrides, resolve_preset
+from workflows.config import ConfigError, Strict, _merge, build, parse_overrides, read_mapping, resolve_preset
 from workflows.distill_config import DistillConfig
 
 METRICS = ("val_fd", "val_adherence", "val_precision", "val_recall", "val_hf_gap")
@@ -74,14 +73,14 @@ def load_sweep(config: str | Path, overrides: list[str] | None = None) -> tuple[
     ``eval`` section, and its storage and tracking paths made absolute (trials run in other directories).
     """
     path = resolve_preset(config)
-    data = _read_mapping(path)
+    data = read_mapping(path)
     sweep = build(SweepConfig, _merge(data, parse_overrides(overrides)))
     preset = sweep.preset
     if preset.endswith((".yaml", ".yml")) and not Path(preset).is_absolute():
         rel = path.parent / preset
         preset = str(rel) if rel.exists() else preset
     try:
-        cfg = build(DistillConfig, _merge(_read_mapping(resolve_preset(preset)), sweep.base))
+        cfg = build(DistillConfig, _merge(read_mapping(resolve_preset(preset)), sweep.base))
     except ConfigError as e:
         raise ConfigError(f"base: {e}") from None
     if sweep.validation.seed in cfg.eval.seeds:
@@ -114,13 +113,3 @@ def sweep_key(sweep: SweepConfig, base: DistillConfig) -> str:
     blob = {"sweep": {k: v for k, v in sweep.model_dump(mode="json").items() if k != "base"},
             "base": base.model_dump(mode="json")}
     return f"{sweep.name}-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]}"
-
-
-def _read_mapping(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {path} must hold a mapping at the top level")
-    return data

@@ -137,17 +137,20 @@ def resolve_preset(name_or_path: str | Path) -> Path:
     raise ConfigError(f"config: unknown preset or file {str(name_or_path)!r} (presets: {', '.join(known)})")
 
 
+def read_mapping(path: Path) -> dict:
+    """A YAML file holding a mapping (empty file = {}); anything else is a ConfigError naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    return data
+
+
 def load_config(model: type[M], preset: str | Path | None, overrides: list[str] | None = None) -> M:
     """Preset YAML (or none: defaults) + overrides -> validated config."""
-    data: dict = {}
-    if preset:
-        path = resolve_preset(preset)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config: {path} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config: {path} must hold a mapping at the top level")
+    data = read_mapping(resolve_preset(preset)) if preset else {}
     return build(model, _merge(data, parse_overrides(overrides)))
 
 

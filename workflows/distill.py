@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -147,7 +148,8 @@ def check_checkpoint(ckpt: Path) -> None:
         raise RuntimeError(f"checkpoint {ckpt} is corrupt: ema.pt is missing")
 
 
-def _init_ray(cfg: DistillConfig) -> None:
+def init_ray(num_cpus: float) -> None:
+    """Join ``RAY_ADDRESS`` when set, else start a local Ray with at least ``num_cpus`` (and every core)."""
     import ray
 
     if ray.is_initialized():
@@ -156,8 +158,7 @@ def _init_ray(cfg: DistillConfig) -> None:
     if addr:
         ray.init(address=addr, log_to_driver=True)
     else:
-        need = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1
-        ray.init(num_cpus=max(int(need + 0.999), os.cpu_count() or 1), include_dashboard=False)
+        ray.init(num_cpus=max(math.ceil(num_cpus), os.cpu_count() or 1), include_dashboard=False)
 
 
 def export_student(ckpt: Path, teacher: Path, out: Path, cfg: DistillConfig, tags: dict) -> Path:
@@ -216,7 +217,7 @@ def prepare(cfg: DistillConfig, command: str = "", parent_run_id: str | None = N
         console.print(f"\\[cdm] job {key}: resuming from {ckpt}")
     t_hash = folder_hash(teacher)
     c = lineage.client(uri)
-    _init_ray(cfg)
+    init_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     submission = lineage.ray_job_id()
     tags = {"cdm.teacher": str(teacher), "cdm.teacher_hash": t_hash, "cdm.config_hash": config_hash(cfg),
             "cdm.code_version": lineage.code_version(), "cdm.ray_job_id": str(submission),
