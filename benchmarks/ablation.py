@@ -86,7 +86,7 @@ def cmd_train(a) -> None:
     out = Path(a.out)
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    cdm = CDMConfig(n_max=a.n_max, alpha=a.alpha, seed=a.seed, **ROWS[a.row])
+    cdm = CDMConfig(n_max=a.n_max, alpha=a.alpha, seed=a.seed, w_cdm=a.w_cdm, **ROWS[a.row])
     loop = LoopConfig(batch_size=a.batch_size, student_steps=a.student_steps, lr_student=a.lr,
                       lr_fake=a.lr * a.fake_lr_ratio, warmup_steps=a.warmup)
     teacher = load_transformer(DEFAULT_TEACHER)
@@ -238,6 +238,7 @@ def main() -> None:
     t.add_argument("--lr", type=float, default=5.9e-5)
     t.add_argument("--fake-lr-ratio", type=float, default=2.0)
     t.add_argument("--warmup", type=int, default=50)
+    t.add_argument("--w-cdm", type=float, default=1.0, help="weight of the CDM loss term (spec: 1)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--val-every", type=int, default=25)

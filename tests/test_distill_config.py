@@ -26,6 +26,7 @@ def test_tiny_preset_resolves_to_core_config():
         (["cdm.use_ca=false", "cdm.use_dm=false", "cdm.use_cdm=false"], "cdm"),
         (["name=has space"], "name"),
         (["train.bogus=1"], "train.bogus"),
+        (["eval.val_every=0", "eval.keep_best=true"], "eval"),
     ],
 )
 def test_out_of_range_values_name_the_field(override, field):

@@ -80,12 +80,29 @@ def test_two_worker_zero2_job_registers_a_version_with_lineage(ray_cluster, dist
     assert metric_steps(c, s["run_id"]) == [1, 2, 3, 4]
 
 
-def test_zero3_job_runs(ray_cluster, distill_env):
+def test_zero3_job_runs_and_keep_best_exports_the_best_validation_ema(ray_cluster, distill_env):
     # n_max 8: ranks pick different rollout depths, which must not deadlock partitioned forwards
-    s = run_distill(_cfg(distill_env, **{"deepspeed.zero_stage": 3, "train.student_steps": 4, "cdm.n_max": 8}))
+    s = run_distill(_cfg(distill_env, **{"deepspeed.zero_stage": 3, "train.student_steps": 4, "cdm.n_max": 8,
+                                         "eval.val_every": 1, "eval.val_n_samples": 20, "eval.keep_best": "true"}))
     assert s["version"] == 1 and Path(s["student_folder"], "transformer", "config.json").exists()
-    run = mlflow_client(distill_env).get_run(s["run_id"])
+    c = mlflow_client(distill_env)
+    run = c.get_run(s["run_id"])
     assert run.data.tags["cdm.zero_stage"] == "3" and run.info.status == "FINISHED"
+    # keep_best: the exported student is the EMA of the step with the lowest validation FD
+    hist = {m.step: m.value for m in c.get_metric_history(s["run_id"], "val_fd")}
+    assert sorted(hist) == [1, 2, 3, 4]
+    best_step = min(hist, key=hist.get)
+    assert s["selection"] == "best_val_fd" and s["exported_student_steps"] == best_step
+    assert run.data.tags["cdm.export.student_steps"] == str(best_step)
+    mv = c.get_model_version(s["model"], s["version"])
+    assert mv.tags["cdm.export.selection"] == "best_val_fd"
+    ckpt = Path(s["checkpoint"])
+    best = torch.load(ckpt / "best_ema.pt", weights_only=False)["shadow"]
+    last = torch.load(ckpt / "ema.pt", weights_only=False)["shadow"]
+    exported = _student_weights(s)
+    assert all(torch.equal(exported[k], best[k].float()) for k in exported)
+    if best_step != 4:  # the last EMA differs from the best one, and it was not what got exported
+        assert any(not torch.equal(exported[k], last[k].float()) for k in exported)
 
 
 def test_killed_worker_recovers_from_last_checkpoint_without_duplicate_metrics(ray_cluster, distill_env):

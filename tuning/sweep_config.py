@@ -103,7 +103,8 @@ def load_sweep(config: str | Path, overrides: list[str] | None = None) -> tuple[
         if data[k] != "builtin":
             data[k] = str(Path(data[k]).expanduser().resolve())
     data["eval"].update(val_every=sweep.validation.every, val_n_samples=sweep.validation.n_samples,
-                        val_seed=sweep.validation.seed)
+                        val_seed=sweep.validation.seed,
+                        keep_best=False)  # the sweep picks the trial and its step itself, from the reports
     data["train"]["checkpoint_every"] = sweep.validation.every  # a checkpoint per round: resumable, exportable
     return sweep, build(DistillConfig, data)
 

@@ -294,7 +294,9 @@ def run_cmd(
     t = Table(title=f"4-step sampling, N={cfg.eval.n_samples}, seeds {cfg.eval.seeds}")
     t.add_column("metric")
     t.add_column("teacher, 4 Euler steps")
-    t.add_column(f"CDM student ({cfg.train.student_steps} steps)")
+    picked = summary.get("exported_student_steps", cfg.train.student_steps)
+    t.add_column(f"CDM student (step {picked} of {cfg.train.student_steps}"
+                 + (", best validation FD)" if summary.get("selection") == "best_val_fd" else ")"))
     for k in ("fd", "adherence", "precision", "recall", "hf_gap"):
         t.add_row(k, f"{teacher_res[k]['mean']:.4f}", f"{student_res[k]['mean']:.4f}")
     console.print(t)

@@ -161,11 +161,13 @@ def init_ray(num_cpus: float) -> None:
         ray.init(num_cpus=max(math.ceil(num_cpus), os.cpu_count() or 1), include_dashboard=False)
 
 
-def export_student(ckpt: Path, teacher: Path, out: Path, cfg: DistillConfig, tags: dict) -> Path:
-    """EMA weights of a checkpoint -> a diffusers folder whose scheduler reproduces the 4-step levels."""
+def export_student(ckpt: Path, teacher: Path, out: Path, cfg: DistillConfig, tags: dict,
+                   ema_file: str = "ema.pt") -> Path:
+    """EMA weights of a checkpoint (``ema.pt``, or ``best_ema.pt`` for the best-validation EMA) -> a
+    diffusers folder whose scheduler reproduces the 4-step levels."""
     from diffusers import SD3Transformer2DModel
 
-    state = torch.load(ckpt / "ema.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt / ema_file, map_location="cpu", weights_only=False)
     model = SD3Transformer2DModel.from_config(SD3Transformer2DModel.load_config(str(teacher / "transformer")))
     model.load_state_dict({k: v.float() for k, v in state["shadow"].items()})
     tmeta = read_meta(teacher)
@@ -280,26 +282,40 @@ def finish(job: Job, final: Path, metrics: dict | None = None) -> dict:
     """Export the EMA student of ``final``, evaluate it on the test set (``cfg.eval``), log and register it."""
     from workflows.evaluation import evaluate_folder
 
+    from workflows.train_worker import BEST_EMA, BEST_META
+
     cfg, c, run_id, job_dir = job.cfg, job.client, job.run_id, job.job_dir
     out = job_dir / "student"
+    step = json.loads((final / "meta.json").read_text()).get("student_steps", cfg.train.student_steps) \
+        if (final / "meta.json").exists() else cfg.train.student_steps
+    ema_file, chosen = "ema.pt", {"cdm.export.selection": "last", "cdm.export.student_steps": str(step)}
+    if cfg.eval.keep_best and (final / BEST_META).exists():
+        best = json.loads((final / BEST_META).read_text())
+        ema_file = BEST_EMA
+        chosen = {"cdm.export.selection": "best_val_fd", "cdm.export.student_steps": str(best["student_steps"]),
+                  "cdm.export.val_fd": f"{best['val_fd']:.6g}"}
+        console.print(f"\\[cdm] exporting the EMA of student step {best['student_steps']} (best validation FD "
+                      f"{best['val_fd']:.4g}; the job ran to step {step})")
+    for k, v in chosen.items():
+        c.set_tag(run_id, k, v)
     folder = export_student(final, job.teacher, out, cfg, {"mlflow_run_id": run_id, "job_key": job.key,
                                                           "teacher": str(job.teacher),
-                                                          "teacher_hash": job.teacher_hash})
+                                                          "teacher_hash": job.teacher_hash, **chosen}, ema_file)
     ev_cfg = build(EvalConfig, dict(steps=4, n_samples=cfg.eval.n_samples, seeds=cfg.eval.seeds,
                                     reference_steps=cfg.eval.reference_steps))
     ev = evaluate_folder(folder, ev_cfg, job_dir / "eval", job.teacher)
     metrics = {**{f"eval.{k}": ev[k]["mean"] for k in ("fd", "adherence", "precision", "recall", "hf_gap",
                                                        "mse_to_teacher100") if k in ev}, **(metrics or {})}
-    step = json.loads((final / "meta.json").read_text()).get("student_steps", cfg.train.student_steps) \
-        if (final / "meta.json").exists() else cfg.train.student_steps
     lineage.log_metrics(c, run_id, [(int(step), metrics)])
     c.log_artifacts(run_id, str(folder), "student")
     c.log_artifact(run_id, str(job_dir / "eval" / "eval.json"), "eval")
     c.log_artifact(run_id, str(job_dir / "eval" / "grid.png"), "eval")
-    version = register(c, cfg.mlflow.registered_model, run_id, job.tags, metrics)
+    version = register(c, cfg.mlflow.registered_model, run_id, {**job.tags, **chosen}, metrics)
     c.set_terminated(run_id, status="FINISHED")
     summary = {"job_key": job.key, "run_id": run_id, "model": cfg.mlflow.registered_model, "version": version,
-               "student_folder": str(folder), "checkpoint": str(final), "tracking_uri": job.uri, **metrics}
+               "student_folder": str(folder), "checkpoint": str(final), "tracking_uri": job.uri,
+               "exported_student_steps": int(chosen["cdm.export.student_steps"]),
+               "selection": chosen["cdm.export.selection"], **metrics}
     (job_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

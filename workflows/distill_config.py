@@ -93,9 +93,13 @@ class EvalSection(Strict):
     val_every: int = Field(0, ge=0, description="student steps between validation evaluations (0 = off)")
     val_n_samples: int = Field(500, ge=10, le=1_000_000)
     val_seed: int = Field(100, ge=0, description="validation noise seed; must not be one of the test seeds")
+    keep_best: bool = Field(False, description="export the EMA student with the best validation FD instead of "
+                                               "the last one (needs val_every)")
 
     @model_validator(mode="after")
     def _val_not_test(self):
+        if self.keep_best and not self.val_every:
+            raise ValueError("keep_best needs validation: set eval.val_every > 0")
         if self.val_every and self.val_seed in self.seeds:
             raise ValueError(f"val_seed ({self.val_seed}) is one of the test seeds {self.seeds}: "
                              "validation must not use the test set")

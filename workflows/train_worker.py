@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 CKPT_TAG = "ckpt"
+BEST_EMA, BEST_META = "best_ema.pt", "best.json"  # eval.keep_best: the best-validation EMA and its step
 
 
 def max_across_ranks(value: int) -> int:
@@ -92,6 +93,9 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = torch.bfloat16 if st.engine.bfloat16_enabled() else torch.float32
 
     iteration, samples_seen = 0, 0
+    # eval.keep_best: the EMA with the best validation FD so far rides along in every checkpoint (rank 0)
+    best: dict | None = None
+    best_ema: dict | None = None
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
@@ -100,6 +104,9 @@ def train_loop_per_worker(config: dict) -> None:
                 st.engine.load_checkpoint(str(Path(d) / "student"), tag=CKPT_TAG)
                 ft.engine.load_checkpoint(str(Path(d) / "fake"), tag=CKPT_TAG)
                 ema.load_state_dict(torch.load(Path(d) / "ema.pt", map_location="cpu", weights_only=False))
+                if rank == 0 and (Path(d) / BEST_META).exists():
+                    best = json.loads((Path(d) / BEST_META).read_text())
+                    best_ema = torch.load(Path(d) / BEST_EMA, map_location="cpu", weights_only=False)
             except Exception as e:
                 raise RuntimeError(f"checkpoint {d} is corrupt or incompatible: {type(e).__name__}: {e}") from None
         iteration, step.student_steps, samples_seen = m["iteration"], m["student_steps"], m["samples_seen"]
@@ -124,6 +131,9 @@ def train_loop_per_worker(config: dict) -> None:
             ft.engine.save_checkpoint(str(tmp / "fake"), tag=CKPT_TAG)
             if rank == 0:
                 torch.save(ema.state_dict(), tmp / "ema.pt")
+                if best is not None:
+                    torch.save(best_ema, tmp / BEST_EMA)
+                    (tmp / BEST_META).write_text(json.dumps(best))
                 (tmp / "meta.json").write_text(json.dumps({
                     "iteration": iteration, "student_steps": step.student_steps, "samples_seen": samples_seen,
                     "world_size": world, "zero_stage": cfg.deepspeed.zero_stage, "config_hash": config["config_hash"],
@@ -178,6 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
             if validator is not None:  # every report carries the validation metrics (a sweep's scheduler reads them)
                 val = validator(ema)
                 report.update(val)
+                if cfg.eval.keep_best and (best is None or val["val_fd"] < best["val_fd"]):
+                    best = {"student_steps": s, "val_fd": val["val_fd"]}
+                    best_ema = copy.deepcopy(ema.state_dict())
                 print(f"[cdm] step {s}/{total} validation " + " ".join(f"{k}={v:.4g}" for k, v in val.items()),
                       flush=True)
                 if val_to_mlflow:
