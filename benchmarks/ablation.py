@@ -235,7 +235,7 @@ def main() -> None:
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--n-max", type=int, default=8)
     t.add_argument("--alpha", type=float, default=0.945)
-    t.add_argument("--lr", type=float, default=5.9e-5)
+    t.add_argument("--lr", type=float, default=2e-5)
     t.add_argument("--fake-lr-ratio", type=float, default=2.0)
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--w-cdm", type=float, default=1.0, help="weight of the CDM loss term (spec: 1)")
