@@ -23,6 +23,14 @@ CKPT_TAG = "ckpt"
 BEST_EMA, BEST_META = "best_ema.pt", "best.json"  # eval.keep_best: the best-validation EMA and its step
 
 
+def say(msg: str) -> None:
+    """One progress line on the driver's console. Ray Train patches ``print`` to also log through its logger
+    when ``sys.stdout`` is wrapped, which showed every line twice; the real stdout avoids the tee."""
+    import sys
+
+    print(msg, file=sys.__stdout__ or sys.stdout, flush=True)
+
+
 def max_across_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -111,7 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
                 raise RuntimeError(f"checkpoint {d} is corrupt or incompatible: {type(e).__name__}: {e}") from None
         iteration, step.student_steps, samples_seen = m["iteration"], m["student_steps"], m["samples_seen"]
         if rank == 0:
-            print(f"[cdm] resumed from checkpoint at student step {step.student_steps}", flush=True)
+            say(f"[cdm] resumed from checkpoint at student step {step.student_steps}")
             with open(job_dir / "resumes.jsonl", "a") as f:
                 f.write(json.dumps({"student_steps": step.student_steps, "time": time.time()}) + "\n")
 
@@ -175,11 +183,10 @@ def train_loop_per_worker(config: dict) -> None:
                 buffer.add(s, m)
                 done = s - steps_at_start
                 eta = (total - s) * (time.time() - t_start) / max(done, 1)
-                print(f"[cdm] step {s}/{total} " + " ".join(
+                say(f"[cdm] step {s}/{total} " + " ".join(
                     f"{k.split('/')[-1] if k.startswith('loss/') else k}={m[k]:.4g}"
                     for k in ("loss/ca", "loss/dm", "loss/cdm", "loss/fake") if k in m)
-                    + f" N={m['schedule/n']:.1f} {m['throughput/samples_per_s']:.1f} samples/s eta {eta:.0f}s",
-                    flush=True)
+                    + f" N={m['schedule/n']:.1f} {m['throughput/samples_per_s']:.1f} samples/s eta {eta:.0f}s")
         if rank == 0 and (s % cfg.train.sample_every == 0 or s == total):
             _log_grid(c, run_id, ema, s, prompts, empty, shape, dev, meta)
         val_due = bool(val_every) and s % val_every == 0
@@ -191,8 +198,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if cfg.eval.keep_best and (best is None or val["val_fd"] < best["val_fd"]):
                     best = {"student_steps": s, "val_fd": val["val_fd"]}
                     best_ema = copy.deepcopy(ema.state_dict())
-                print(f"[cdm] step {s}/{total} validation " + " ".join(f"{k}={v:.4g}" for k, v in val.items()),
-                      flush=True)
+                say(f"[cdm] step {s}/{total} validation " + " ".join(f"{k}={v:.4g}" for k, v in val.items()))
                 if val_to_mlflow:
                     buffer.add(s, val)
             save_and_report(report)
