@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from cdm_core.models.sd3 import SD3Velocity  # noqa: E402
-from cdm_core.reference_loop import LoopConfig, build_distiller, prompt_batch  # noqa: E402
+from cdm_core.reference_loop import LoopConfig, build_distiller, run_loop  # noqa: E402
 from cdm_core.step import CDMConfig  # noqa: E402
 from workflows.config import DEFAULT_TEACHER  # noqa: E402
 from workflows.embeddings import empty_prompt, encode_prompts  # noqa: E402
@@ -58,10 +58,12 @@ def main() -> None:
     torch.set_num_threads(1)
     teacher = load_transformer(DEFAULT_TEACHER)
     meta = read_meta(DEFAULT_TEACHER)
-    shape = (a.batch_size, meta.channels, meta.image_size, meta.image_size)
+    image_shape = (meta.channels, meta.image_size, meta.image_size)
     prompts = encode_prompts([p for p, _ in train_prompts()])
-    empty = empty_prompt().expand(a.batch_size)
-    loop = LoopConfig(batch_size=a.batch_size, lr_student=5.9e-5, lr_fake=1.18e-4, warmup_steps=50)
+    empty = empty_prompt()
+    # run_loop stops on the callback below, never on its own step budget
+    loop = LoopConfig(batch_size=a.batch_size, student_steps=10**9, lr_student=5.9e-5, lr_fake=1.18e-4,
+                      warmup_steps=50)
     runs = {}
     for name, (over, truncate) in variants([int(x) for x in a.n_max.split(",")]).items():
         cdm = CDMConfig(alpha=0.945, seed=0, **over)
@@ -71,16 +73,18 @@ def main() -> None:
         runs[name] = {"d": d, "it": 0, "times": [], "nfe": [], "n": []}
 
     def run(r: dict, student_steps: int) -> float:
-        d = r["d"]
-        t0 = time.perf_counter()
+        """``student_steps`` more student steps of one variant through the reference loop; seconds per step."""
         done = 0
-        while done < student_steps:
-            cond = prompt_batch(prompts, a.batch_size, d.cdm.seed, r["it"])
-            res = d.step(r["it"], cond, empty, shape)
-            r["it"] += 1
+
+        def count(res, _secs) -> bool:
+            nonlocal done
             r["nfe"].append(res.metrics["nfe/rollout"])
             r["n"].append(res.n)
             done += int(res.student_updated)
+            return done >= student_steps
+
+        t0 = time.perf_counter()
+        r["it"] = run_loop(r["d"], prompts, empty, image_shape, r["it"], count)
         return (time.perf_counter() - t0) / student_steps
 
     for name, r in runs.items():

@@ -281,7 +281,6 @@ def train(job: Job, callbacks: list | None = None, val_to_mlflow: bool = True) -
 def finish(job: Job, final: Path, metrics: dict | None = None) -> dict:
     """Export the EMA student of ``final``, evaluate it on the test set (``cfg.eval``), log and register it."""
     from workflows.evaluation import evaluate_folder
-
     from workflows.train_worker import BEST_EMA, BEST_META
 
     cfg, c, run_id, job_dir = job.cfg, job.client, job.run_id, job.job_dir
