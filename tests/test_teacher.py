@@ -2,6 +2,7 @@
 runs and resumes on real data."""
 
 import json
+import re
 
 import torch
 from diffusers import SD3Transformer2DModel
@@ -42,3 +43,29 @@ def test_teacher_train_runs_and_resumes(tmp_path):
     meta = json.loads((folder / "cdm_model.json").read_text())
     assert meta["provenance"]["steps_done"] == 4
     SD3Transformer2DModel.from_pretrained(str(folder / "transformer"))
+
+
+def test_lr_factor_warms_up_then_decays_to_zero():
+    from workflows.teacher import lr_factor
+
+    assert lr_factor(0, 10, 0.0) == 0.1
+    assert lr_factor(9, 10, 0.0) == 1.0
+    assert 0.49 < lr_factor(50, 10, 0.5) < 0.51
+    assert lr_factor(50, 10, 1.0) == 0.0 and lr_factor(50, 10, 3.0) == 0.0
+
+
+def test_teacher_time_budget_ends_the_run_with_its_decay_complete(tmp_path, capsys):
+    # 1000 steps cannot finish in 3 s on a CPU: the wall-time budget must end the run, not the step count
+    over = ["model.num_layers=1", "model.head_dim=8", "batch_size=8", "log_every=100000", "warmup_steps=1",
+            "steps=1000", "max_minutes=0.05", "checkpoint_every=100000"]
+    from workflows.teacher import train_teacher
+
+    folder = train_teacher(load_config(TeacherTrainConfig, "teacher-tiny", over), tmp_path)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert 0 < state["step"] < 1000
+    assert state["elapsed_s"] >= 3.0
+    out = capsys.readouterr().out
+    assert "time budget spent" in out
+    last_lr = float(re.findall(r"lr=(\S+)", out)[-1])
+    assert last_lr < 0.05 * 1e-3  # paced by time: the cosine is at its end, not at step 117/1000's ~0.97
+    assert json.loads((folder / "cdm_model.json").read_text())["provenance"]["steps_done"] == state["step"]

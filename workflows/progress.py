@@ -14,8 +14,8 @@ class StepLogger:
         self.total, self.label, self.every = total, label, max(1, every)
         self.start_step, self.t0 = start, time.time()
 
-    def __call__(self, step: int, **metrics: float) -> None:
-        if step % self.every and step != self.total:
+    def __call__(self, step: int, force: bool = False, **metrics: float) -> None:
+        if step % self.every and step != self.total and not force:
             return
         done = step - self.start_step
         el = time.time() - self.t0
