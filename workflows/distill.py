@@ -158,7 +158,10 @@ def init_ray(num_cpus: float) -> None:
     if addr:
         ray.init(address=addr, log_to_driver=True)
     else:
-        ray.init(num_cpus=max(math.ceil(num_cpus), os.cpu_count() or 1), include_dashboard=False)
+        # The dashboard serves the state API that Ray Train v2's PlacementGroupCleaner polls every second;
+        # without it the cleaner cannot work and prints a warning per poll into the job's output.
+        ray.init(num_cpus=max(math.ceil(num_cpus), os.cpu_count() or 1), include_dashboard=True,
+                 dashboard_host="127.0.0.1")
 
 
 def export_student(ckpt: Path, teacher: Path, out: Path, cfg: DistillConfig, tags: dict,
