@@ -26,10 +26,10 @@ class EMA:
     def update(self, model) -> float:
         """Move the shadow toward ``model`` (a module, or anything with ``parameters()``)."""
         d = ema_decay(self.num_updates, self.decay)
-        shadow = list(self.shadow.parameters())
-        params = [p.detach().to(s.dtype) for s, p in zip(shadow, model.parameters())]
+        shadow, params = list(self.shadow.parameters()), list(model.parameters())
         if len(shadow) != len(params):
             raise ValueError(f"EMA: model has {len(params)} parameters, the shadow {len(shadow)}")
+        params = [p.detach().to(s.dtype) for s, p in zip(shadow, params)]
         torch._foreach_lerp_(shadow, params, 1.0 - d)  # one fused update instead of a kernel per tensor
         if isinstance(model, torch.nn.Module):
             for s, b in zip(self.shadow.buffers(), model.buffers()):
