@@ -14,8 +14,12 @@ class StepLogger:
         self.total, self.label, self.every = total, label, max(1, every)
         self.start_step, self.t0 = start, time.time()
 
+    def due(self, step: int) -> bool:
+        """Whether ``step`` gets a line: every ``every`` steps and the last one (lets callers skip costly reads)."""
+        return step % self.every == 0 or step == self.total
+
     def __call__(self, step: int, force: bool = False, **metrics: float) -> None:
-        if step % self.every and step != self.total and not force:
+        if not (force or self.due(step)):
             return
         done = step - self.start_step
         el = time.time() - self.t0

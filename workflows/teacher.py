@@ -140,7 +140,7 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         lv = loss.detach()
         loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
         done = step == cfg.steps or progress() >= 1.0
-        if step % cfg.log_every == 0 or done:
+        if done or log.due(step):  # the loss is read back from the device only here
             log(step, force=done, loss=float(loss_avg), lr=lr)
         if step % cfg.checkpoint_every == 0 or done:
             save_ckpt()
