@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from workflows.config import ConfigError, build, format_validation_error  # noqa: F401 (re-exported for callers)
+from workflows.config import ConfigError, build, deep_merge, format_validation_error  # noqa: F401 (re-exported for callers)
 from workflows.distill_config import DistillConfig
 
 KINDS = ("values", "choice", "grid", "uniform", "loguniform", "randint")
@@ -142,18 +142,11 @@ def _dotted(path: str, value: Any) -> dict:
     return d
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def apply(base: DistillConfig | dict, params: dict[str, Any]) -> DistillConfig:
     """The trial's config: ``base`` with the dotted-path ``params`` set (validated)."""
     data = base.model_dump(mode="json") if isinstance(base, BaseModel) else dict(base)
     for path, v in params.items():
-        data = _merge(data, _dotted(path, v))
+        data = deep_merge(data, _dotted(path, v))
     return build(DistillConfig, data)
 
 

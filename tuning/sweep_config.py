@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from workflows.config import ConfigError, Strict, _merge, build, parse_overrides, read_mapping, resolve_preset
+from workflows.config import ConfigError, Strict, build, deep_merge, parse_overrides, read_mapping, resolve_preset
 from workflows.distill_config import DistillConfig
 
 METRICS = ("val_fd", "val_adherence", "val_precision", "val_recall", "val_hf_gap")
@@ -74,13 +74,13 @@ def load_sweep(config: str | Path, overrides: list[str] | None = None) -> tuple[
     """
     path = resolve_preset(config)
     data = read_mapping(path)
-    sweep = build(SweepConfig, _merge(data, parse_overrides(overrides)))
+    sweep = build(SweepConfig, deep_merge(data, parse_overrides(overrides)))
     preset = sweep.preset
     if preset.endswith((".yaml", ".yml")) and not Path(preset).is_absolute():
         rel = path.parent / preset
         preset = str(rel) if rel.exists() else preset
     try:
-        cfg = build(DistillConfig, _merge(read_mapping(resolve_preset(preset)), sweep.base))
+        cfg = build(DistillConfig, deep_merge(read_mapping(resolve_preset(preset)), sweep.base))
     except ConfigError as e:
         raise ConfigError(f"base: {e}") from None
     if sweep.validation.seed in cfg.eval.seeds:

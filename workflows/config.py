@@ -102,10 +102,11 @@ def parse_overrides(items: list[str] | None) -> dict:
     return out
 
 
-def _merge(base: dict, over: dict) -> dict:
+def deep_merge(base: dict, over: dict) -> dict:
+    """``base`` updated by ``over``, nested mappings merged key by key (neither input is changed)."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -152,7 +153,7 @@ def read_mapping(path: Path) -> dict:
 def load_config(model: type[M], preset: str | Path | None, overrides: list[str] | None = None) -> M:
     """Preset YAML (or none: defaults) + overrides -> validated config."""
     data = read_mapping(resolve_preset(preset)) if preset else {}
-    return build(model, _merge(data, parse_overrides(overrides)))
+    return build(model, deep_merge(data, parse_overrides(overrides)))
 
 
 def config_hash(cfg: BaseModel) -> str:
