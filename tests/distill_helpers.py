@@ -12,6 +12,7 @@ def tiny_overrides(tmp_path, **extra) -> list[str]:
         "train.batch_size_per_worker": 4,
         "cdm.n_max": 3,
         "eval.n_samples": 20,
+        "eval.val_n_samples": 50,  # validation runs at every checkpoint; 500 samples cost ~5 s each on 2 cores
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
