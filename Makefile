@@ -23,6 +23,8 @@ $(VENV)/.installed: pyproject.toml | $(FASHION_MNIST)/train-images-idx3-ubyte.gz
 	$(PY) -m pip install -q --upgrade pip
 	if [ -n "$(TORCH_SPEC)" ]; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e '.[test]'
+	@echo "compiling DeepSpeed's CPU collective op once (cached; from 30 s to a few minutes the first time)"
+	$(PY) -m workflows.deepspeed_engine
 	touch $@
 
 run: setup

@@ -281,3 +281,10 @@ def test_ray_job_submit_against_a_running_cluster(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
+
+
+def test_deepspeed_cpu_comm_op_builds_at_setup_and_loads():
+    """`make setup` compiles DeepSpeed's shared-memory CPU collective once; jobs then load it from the cache."""
+    from workflows.deepspeed_engine import prebuild_cpu_comm
+
+    assert prebuild_cpu_comm() == "deepspeed_shm_comm"

@@ -102,3 +102,25 @@ def ema_update(ema: EMA, student: DeepSpeedTrainable) -> float:
     with student.gathered():
         return ema.update(student.engine.module)
 
+
+
+def prebuild_cpu_comm() -> str | None:
+    """Compile DeepSpeed's shared-memory CPU collective op now (cached under ``~/.cache/torch_extensions``
+    or ``$TORCH_EXTENSIONS_DIR``), so the first job's workers do not sit silent for minutes while they
+    JIT-build it. Returns the op's name, or None where the accelerator has no such op (GPUs)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return None
+    builder.load(verbose=False)
+    return builder.NAME
+
+
+if __name__ == "__main__":
+    import time
+
+    t0 = time.time()
+    name = prebuild_cpu_comm()
+    print(f"DeepSpeed op {name} ready ({time.time() - t0:.0f} s)" if name else "no DeepSpeed CPU op to build here")
