@@ -107,7 +107,9 @@ def prompt_embeddings(prompts: list[str], teacher_hash: str, storage: Path) -> P
     import ray.data
 
     items = [{"idx": i, "prompt": p} for i, p in enumerate(prompts + [""])]
-    ds = ray.data.from_items(items).map_batches(_PromptEncoder, batch_size=256, concurrency=1, num_cpus=1)
+    batch = 256  # one block per encoder batch: a block per handful of prompts only adds actor calls
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch)).map_batches(
+        _PromptEncoder, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1)
     rows = sorted(ds.take_all(), key=lambda r: int(r["idx"]))
     tokens = torch.from_numpy(np.stack([r["tokens"] for r in rows]))
     pooled = torch.from_numpy(np.stack([r["pooled"] for r in rows]))
