@@ -48,6 +48,13 @@ def _student_weights(summary) -> dict:
     return load_file(str(Path(summary["student_folder"]) / "transformer" / "diffusion_pytorch_model.safetensors"))
 
 
+def test_deepspeed_cpu_comm_op_builds_at_setup_and_loads():
+    """`make setup` compiles DeepSpeed's shared-memory CPU collective once; jobs then load it from the cache."""
+    from workflows.deepspeed_engine import prebuild_cpu_comm
+
+    assert prebuild_cpu_comm() == "deepspeed_shm_comm"
+
+
 def test_two_worker_zero2_job_registers_a_version_with_lineage(ray_cluster, distill_env):
     cfg = _cfg(distill_env)
     s = run_distill(cfg)
@@ -281,10 +288,3 @@ def test_ray_job_submit_against_a_running_cluster(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
             head.wait()
-
-
-def test_deepspeed_cpu_comm_op_builds_at_setup_and_loads():
-    """`make setup` compiles DeepSpeed's shared-memory CPU collective once; jobs then load it from the cache."""
-    from workflows.deepspeed_engine import prebuild_cpu_comm
-
-    assert prebuild_cpu_comm() == "deepspeed_shm_comm"
