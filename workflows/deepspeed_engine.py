@@ -103,19 +103,15 @@ def ema_update(ema: EMA, student: DeepSpeedTrainable) -> float:
         return ema.update(student.engine.module)
 
 
-
 def prebuild_cpu_comm() -> str | None:
     """Compile DeepSpeed's shared-memory CPU collective op now (cached under ``~/.cache/torch_extensions``
     or ``$TORCH_EXTENSIONS_DIR``), so the first job's workers do not sit silent for minutes while they
-    JIT-build it. Returns the op's name, or None where the accelerator has no such op (GPUs)."""
-    import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
+    JIT-build it. Calls the very function DeepSpeed's torch backend calls at start-up, so both build the
+    same op with the same checks. Returns the op's name, or None where there is no such op (GPUs)."""
+    from deepspeed.comm.torch import build_shm_op
 
-    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
-        return None
-    builder.load(verbose=False)
-    return builder.NAME
+    op = build_shm_op()
+    return op.__name__ if op is not None else None
 
 
 if __name__ == "__main__":
