@@ -12,7 +12,7 @@ export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup run test lint clean
+.PHONY: setup run test clean
 setup: $(VENV)/.installed
 
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:

@@ -106,7 +106,8 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         )
         tmp.replace(ckpt)
 
-    log = StepLogger(cfg.steps, "teacher", cfg.log_every, start=step)
+    log = StepLogger(cfg.steps, "teacher", cfg.log_every, start=step,
+                     budget_s=budget_s - elapsed_before if budget_s > 0 else None)
     t0 = time.time()
 
     def elapsed() -> float:
