@@ -79,6 +79,8 @@ def teacher_train(
         cdm teacher train --out outputs/teacher
         cdm teacher train --set device=cuda --set max_minutes=4 --out outputs/teacher
 
+        OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m workflows.cli teacher train --out outputs/teacher
+
     Resume: run the same command again.
     """
     from workflows.config import TeacherTrainConfig, load_config
@@ -91,7 +93,8 @@ def teacher_train(
     from workflows.teacher import train_teacher
 
     folder = train_teacher(cfg, out, command=_command_line())
-    typer.echo(f"teacher model folder: {folder}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: once, not once per process
+        typer.echo(f"teacher model folder: {folder}")
 
 
 @evaluator_app.command("train")

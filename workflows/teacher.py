@@ -8,6 +8,10 @@ Objective: ``x_t = (1-t) x0 + t eps``, regress ``v(x_t, t, c)`` on ``eps - x0``;
 The EMA weights are exported as a diffusers folder. Resume = run the same command again (the job
 keeps ``checkpoint.pt`` in its output folder).
 
+Several processes (data parallel, gradients averaged by DDP; ``batch_size`` is the global batch):
+
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m workflows.cli teacher train ...
+
 Learning rate: linear warm-up, then a cosine decay to 0. With ``max_minutes`` > 0 the decay is paced by
 whichever runs out first, the step count or the wall-time budget, so a time-limited run still ends with
 its decay complete (a run cut off mid-decay leaves an under-annealed, noisy teacher).
@@ -28,6 +32,7 @@ from workflows.config import TeacherTrainConfig
 from workflows.embeddings import encode_prompts
 from workflows.fashion_mnist import load_split
 from workflows.model_folder import ModelMeta, load_transformer, save_model_folder
+from workflows.process_group import init_from_env
 from workflows.progress import StepLogger, console
 from workflows.prompts import TRAIN_TEMPLATES, train_prompts
 
@@ -46,7 +51,12 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
 def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(cfg.device)
+    pg = init_from_env(cfg.device)
+    if cfg.batch_size % pg.world:
+        raise ValueError(f"batch_size: {cfg.batch_size} does not split over {pg.world} processes")
+    dev, say = pg.device, (console.print if pg.is_main else (lambda *a, **k: None))
+    if pg.distributed:
+        say(f"teacher: {pg.world} data-parallel processes, {cfg.batch_size // pg.world} samples each per step")
     torch.manual_seed(cfg.seed)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -66,13 +76,13 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         if init.config.sample_size != model.config.sample_size or init.config.num_layers != model.config.num_layers:
             raise ValueError(f"init_from: {cfg.init_from} has another shape than model.* of this config")
         model.load_state_dict(init.state_dict())
-        console.print(f"teacher: initialised from {cfg.init_from}")
+        say(f"teacher: initialised from {cfg.init_from}")
     model = model.to(dev).train()
     ema = EMA(model, cfg.ema_decay)
     # fused AdamW: one kernel for all parameters (this model is launch-bound on a GPU)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                             fused=dev.type == "cuda")
-    v_fn = SD3Velocity(model)
+    v_fn = SD3Velocity(pg.wrap(model))
     budget_s = 60.0 * cfg.max_minutes
 
     step, elapsed_before = 0, 0.0
@@ -82,14 +92,19 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
-        torch.set_rng_state(state["rng_cpu"])
-        if dev.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
         step = state["step"]
+        if not pg.distributed:  # one process resumes its exact random stream
+            torch.set_rng_state(state["rng_cpu"])
+            if dev.type == "cuda" and state.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(state["rng_cuda"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
-        console.print(f"resuming teacher training from {ckpt} at step {step}")
+        say(f"resuming teacher training from {ckpt} at step {step}")
+    if pg.distributed:  # each replica draws its own batches: a stream per (seed, rank, start step)
+        torch.manual_seed(cfg.seed + 1_000_003 * (pg.rank + 1) + step)
 
     def save_ckpt() -> None:
+        if not pg.is_main:
+            return
         tmp = ckpt.with_suffix(".tmp")
         torch.save(
             {
@@ -114,13 +129,15 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         return elapsed_before + time.time() - t0
 
     def progress() -> float:
+        """Fraction of the run done (steps or wall time); rank 0's clock decides for every replica."""
         p = step / cfg.steps
-        return max(p, elapsed() / budget_s) if budget_s > 0 else p
+        return pg.from_main(max(p, elapsed() / budget_s) if budget_s > 0 else p)
 
-    b = cfg.batch_size
+    b = cfg.batch_size // pg.world
     loss_avg = None  # a device tensor: read back only when logging, so the GPU is never stalled per step
-    while step < cfg.steps and progress() < 1.0:
-        lr = cfg.lr * lr_factor(step, cfg.warmup_steps, progress())
+    prog = progress()
+    while step < cfg.steps and prog < 1.0:
+        lr = cfg.lr * lr_factor(step, cfg.warmup_steps, prog)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = torch.randint(0, images.shape[0], (b,), device=dev)
@@ -140,14 +157,16 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         step += 1
         lv = loss.detach()
         loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
-        done = step == cfg.steps or progress() >= 1.0
-        if done or log.due(step):  # the loss is read back from the device only here
+        prog = progress()
+        done = step == cfg.steps or prog >= 1.0
+        if pg.is_main and (done or log.due(step)):  # the loss (rank 0's) is read back only here
             log(step, force=done, loss=float(loss_avg), lr=lr)
         if step % cfg.checkpoint_every == 0 or done:
             save_ckpt()
+    pg.check_replicas_agree(model)
     if step < cfg.steps:
-        console.print(f"teacher: time budget spent at step {step} of {cfg.steps} "
-                      f"(max_minutes={cfg.max_minutes}); the learning-rate decay is complete")
+        say(f"teacher: time budget spent at step {step} of {cfg.steps} "
+            f"(max_minutes={cfg.max_minutes}); the learning-rate decay is complete")
 
     meta = ModelMeta(
         shift=cfg.shift,
@@ -159,8 +178,13 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
             "final_loss_ema": float(loss_avg) if loss_avg is not None else None,
             "wall_s": round(elapsed(), 1),
             "device": str(dev),
+            "processes": pg.world,
         },
     )
-    folder = save_model_folder(ema.shadow.cpu(), out / "model", meta)
-    console.print(f"teacher: EMA weights exported to {folder}")
+    folder = out / "model"
+    if pg.is_main:
+        save_model_folder(ema.shadow.cpu(), folder, meta)
+        say(f"teacher: EMA weights exported to {folder}")
+    pg.barrier()
+    pg.close()
     return folder
