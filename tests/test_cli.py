@@ -25,6 +25,20 @@ def test_every_command_has_help_with_examples(cmd):
     out = run(*cmd, "--help")
     assert out.returncode == 0, out.stderr
     assert "Example" in out.stdout
+    # each example of the docstring's code block starts its own line of the rendered help (not run together)
+    from typer.main import get_command
+
+    from workflows.cli import app
+
+    command = get_command(app)
+    for name in cmd:
+        command = command.commands[name]
+    doc = command.help.split("```")
+    examples = [ln.strip() for ln in doc[1].splitlines() if ln.strip()] if len(doc) >= 3 else []
+    assert examples, f"{cmd}: no fenced examples in its docstring"
+    shown = [ln.strip() for ln in out.stdout.splitlines()]
+    for ex in examples:
+        assert any(ln.startswith(ex[:40]) for ln in shown), f"{cmd}: example not on its own line: {ex}"
 
 
 @pytest.mark.parametrize(

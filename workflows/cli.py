@@ -76,10 +76,12 @@ def teacher_train(
 
     Examples:
 
-        cdm teacher train --out outputs/teacher
-        cdm teacher train --set device=cuda --set max_minutes=4 --out outputs/teacher
+    ```
+    cdm teacher train --out outputs/teacher
+    cdm teacher train --set device=cuda --set max_minutes=4 --out outputs/teacher
 
-        OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m workflows.cli teacher train --out outputs/teacher
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m workflows.cli teacher train --out outputs/teacher
+    ```
 
     Resume: run the same command again.
     """
@@ -109,7 +111,9 @@ def evaluator_train(
 
     Example:
 
-        cdm evaluator train --out workflows/assets/evaluator --epochs 4
+    ```
+    cdm evaluator train --out workflows/assets/evaluator --epochs 4
+    ```
     """
     _threads()
     from workflows.evaluator import train_evaluator
@@ -147,8 +151,10 @@ def eval_cmd(
 
     Examples:
 
-        cdm eval workflows/assets/teacher-tiny --steps 4 --out outputs/eval-t4
-        cdm eval outputs/student --steps 4 --n-samples 5000 --seeds 0,1,2 --device cuda
+    ```
+    cdm eval workflows/assets/teacher-tiny --steps 4 --out outputs/eval-t4
+    cdm eval outputs/student --steps 4 --n-samples 5000 --seeds 0,1,2 --device cuda
+    ```
     """
     from workflows.config import DEFAULT_EVALUATOR, DEFAULT_TEACHER, EvalConfig, build
     from workflows.evaluation import evaluate_folder
@@ -194,7 +200,9 @@ def sample_cmd(
 
     Example:
 
-        cdm sample workflows/assets/teacher-tiny --prompt "a photo of a sneaker" --steps 28
+    ```
+    cdm sample workflows/assets/teacher-tiny --prompt "a photo of a sneaker" --steps 28
+    ```
     """
     import torch
 
@@ -231,9 +239,11 @@ def distill_cmd(
 
     Examples:
 
-        cdm distill --config tiny
-        cdm distill --config tiny --set scaling.num_workers=4 --set deepspeed.zero_stage=3
-        ray job submit --working-dir . -- cdm distill --config tiny
+    ```
+    cdm distill --config tiny
+    cdm distill --config tiny --set scaling.num_workers=4 --set deepspeed.zero_stage=3
+    ray job submit --working-dir . -- cdm distill --config tiny
+    ```
 
     Resume: run the same command again (same config = same job key = same checkpoints and MLflow run).
     """
@@ -274,8 +284,10 @@ def run_cmd(
 
     Example:
 
-        cdm run
-        cdm run --set train.student_steps=50
+    ```
+    cdm run
+    cdm run --set train.student_steps=50
+    ```
     """
     import json
 
@@ -328,9 +340,11 @@ def serve_cmd(
 
     Examples:
 
-        cdm serve --model models:/cdm-tiny-student@champion
-        cdm serve --model runs/tiny-abc123/student --port 8080
-        serve run deploy/serve.yaml        # Ray's own CLI, same file
+    ```
+    cdm serve --model models:/cdm-tiny-student@champion
+    cdm serve --model runs/tiny-abc123/student --port 8080
+    serve run deploy/serve.yaml        # Ray's own CLI, same file
+    ```
 
     Uses RAY_ADDRESS when set, else starts a local Ray instance. Ctrl-C stops the service.
     """
@@ -352,8 +366,10 @@ def promote_cmd(
 
     Example:
 
-        cdm promote cdm-tiny-student                 # candidate -> champion
-        cdm promote cdm-tiny-student --version 3
+    ```
+    cdm promote cdm-tiny-student                 # candidate -> champion
+    cdm promote cdm-tiny-student --version 3
+    ```
     """
     from mlflow.exceptions import MlflowException
 
@@ -381,8 +397,10 @@ def sweep_cmd(
 
     Examples:
 
-        cdm sweep --config sweep-tiny --dry-run
-        cdm sweep --config sweep-tiny
+    ```
+    cdm sweep --config sweep-tiny --dry-run
+    cdm sweep --config sweep-tiny
+    ```
 
     Resume: run the same command again (finished trials are not rerun, MLflow runs are reused).
     """
