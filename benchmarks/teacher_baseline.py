@@ -6,6 +6,14 @@
 The CFG scale of the "best CFG" rows is chosen on a *validation* noise seed (``--val-seed``, not one of
 the reported seeds) at 28 steps, by FD; the rows are then reported on the evaluation seeds. Writes
 ``teacher.json`` (schema in the Foundation issue), ``teacher.md`` and one PNG grid per row.
+
+Resumable: every finished row (and every validation score) is appended to ``teacher_rows.jsonl`` in
+``--out``, keyed by the teacher's content hash, N, the seeds and the validation seed; a rerun skips them.
+Two processes can share the work on CPU, then a third call assembles the table without sampling:
+
+    python benchmarks/teacher_baseline.py --n-samples 1000 --steps 100 --out R &
+    python benchmarks/teacher_baseline.py --n-samples 1000 --steps 28,8,4,2,1 --out R; wait
+    python benchmarks/teacher_baseline.py --n-samples 1000 --out R
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from workflows.config import DEFAULT_EVALUATOR, DEFAULT_TEACHER, EvalConfig, build  # noqa: E402
-from workflows.evaluation import METRICS, evaluate_folder  # noqa: E402
+from workflows.evaluation import METRICS, evaluate_folder, folder_hash  # noqa: E402
 from workflows.model_folder import load_transformer  # noqa: E402
 
 
@@ -59,19 +67,54 @@ def main() -> None:
         return evaluate_folder(a.teacher, c, grid, a.teacher, a.evaluator, model=model)
 
     t0 = time.time()
-    val = {}
-    for g in [1.0] + [float(x) for x in a.cfg_grid.split(",")]:
-        val[g] = ev(28, g, [a.val_seed], None)["fd"]["mean"]
-        print(f"validation seed {a.val_seed}, 28 steps, cfg {g}: fd {val[g]:.3f}", flush=True)
-    best = min(val, key=val.get)
+    log = out / "teacher_rows.jsonl"
+    key = {"teacher": folder_hash(a.teacher), "n_samples": a.n_samples, "seeds": seeds, "val_seed": a.val_seed}
+
+    def done() -> dict:
+        """Entries finished by this or an earlier (or a parallel) run with the same key."""
+        found = {}
+        if log.exists():
+            for line in log.read_text().splitlines():
+                e = json.loads(line)
+                if e.get("key") == key:
+                    found[(e["kind"], e.get("steps"), e["cfg"])] = e
+        return found
+
+    def keep(entry: dict) -> None:
+        with log.open("a") as f:  # one short append per entry: parallel runs do not interleave lines
+            f.write(json.dumps({**entry, "key": key}) + "\n")
+
+    def validation() -> dict:
+        val = {}
+        for g in [1.0] + [float(x) for x in a.cfg_grid.split(",")]:
+            e = done().get(("val", None, g))
+            if e is None:
+                e = {"kind": "val", "cfg": g, "fd": ev(28, g, [a.val_seed], None)["fd"]["mean"]}
+                keep(e)
+            val[g] = e["fd"]
+            print(f"validation seed {a.val_seed}, 28 steps, cfg {g}: fd {val[g]:.3f}", flush=True)
+        return val
+
+    val: dict = {}
     rows = []
     for steps in [int(s) for s in a.steps.split(",")]:
-        for g in sorted({1.0, best}):
-            r = ev(steps, g, seeds, out / "teacher_grids" / f"steps{steps}_cfg{g}")
-            row = {"steps": steps, "cfg": g, "nfe": r["nfe"], **{k: r[k] for k in METRICS if k in r},
-                   "s_per_image": r["s_per_image"]}
+        for g in [1.0, None]:  # None: the best scale, chosen (once) when first needed
+            if g is None:
+                val = val or validation()
+                g = min(val, key=val.get)
+                if g == 1.0:
+                    continue
+            row = done().get(("row", steps, g))
+            if row is None:
+                r = ev(steps, g, seeds, out / "teacher_grids" / f"steps{steps}_cfg{g}")
+                row = {"kind": "row", "steps": steps, "cfg": g, "nfe": r["nfe"],
+                       **{k: r[k] for k in METRICS if k in r}, "s_per_image": r["s_per_image"]}
+                keep(row)
+            row = {k: v for k, v in row.items() if k not in ("kind", "key")}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    val = val or validation()
+    best = min(val, key=val.get)
     res = {
         "machine": machine(a.device),
         "command": "python benchmarks/teacher_baseline.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),

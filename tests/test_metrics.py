@@ -76,3 +76,24 @@ def test_high_frequency_energy_orders_smooth_below_noise():
     smooth = torch.cos(2 * torch.pi * k / 32).reshape(1, 1, 1, 32).expand(4, 1, 32, 32)  # 1/32 cycles/px
     noise = torch.randn(4, 1, 32, 32)
     assert high_frequency_energy(smooth) < 0.05 < high_frequency_energy(noise)
+
+
+def test_teacher_reference_is_kept_from_its_own_run_and_not_taken_from_another_shift(tmp_path, monkeypatch):
+    # the teacher's own 3-step guidance-1 run is its 3-step reference (MSE 0) and is stored for later rows;
+    # the same steps at another shift are not the reference (MSE > 0)
+    monkeypatch.setenv("CDM_CACHE_DIR", str(tmp_path))
+    from workflows.config import DEFAULT_TEACHER, EvalConfig, build
+    from workflows.evaluation import eval_set, evaluate_folder, teacher_reference
+
+    c = dict(steps=3, n_samples=20, seeds=[0], reference_steps=3, batch_size=20)
+    own = evaluate_folder(DEFAULT_TEACHER, build(EvalConfig, c))
+    assert own["mse_to_teacher100"]["mean"] == 0.0
+    stored = list(tmp_path.glob("ref-*-s0-n20-k3.pt"))
+    assert len(stored) == 1
+    es = eval_set(20, 0, (1, 32, 32))
+    again = teacher_reference(DEFAULT_TEACHER, es, 0, 3, 20, "cpu")  # from the store, not recomputed
+    stored[0].unlink()
+    fresh = teacher_reference(DEFAULT_TEACHER, es, 0, 3, 20, "cpu")
+    assert torch.equal(again, fresh)
+    other = evaluate_folder(DEFAULT_TEACHER, build(EvalConfig, {**c, "shift": 1.0}))
+    assert other["mse_to_teacher100"]["mean"] > 1e-4

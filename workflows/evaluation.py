@@ -77,19 +77,28 @@ def generate(model, es: EvalSet, levels: torch.Tensor, guidance: float, batch: i
     return torch.cat(out)
 
 
+def _reference_path(teacher: str | Path, es: EvalSet, seed: int, steps: int) -> Path:
+    return cache_dir() / f"ref-{folder_hash(teacher)}-s{seed}-n{es.noise.shape[0]}-k{steps}.pt"
+
+
+def store_reference(teacher: str | Path, es: EvalSet, seed: int, steps: int, images: torch.Tensor) -> None:
+    """Keep ``images`` (the teacher's own ``steps``-step, guidance-1 output on ``es``) as its reference."""
+    path = _reference_path(teacher, es, seed, steps)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(images.cpu(), path.with_suffix(".tmp"))
+    path.with_suffix(".tmp").replace(path)
+
+
 def teacher_reference(teacher: str | Path, es: EvalSet, seed: int, steps: int, batch: int, device) -> torch.Tensor:
     """The teacher's ``steps``-step, guidance-1 output on the eval set, cached by content hash."""
-    key = f"ref-{folder_hash(teacher)}-s{seed}-n{es.noise.shape[0]}-k{steps}.pt"
-    path = cache_dir() / key
+    path = _reference_path(teacher, es, seed, steps)
     if path.exists():
         return torch.load(path, weights_only=True)
     model = load_transformer(teacher, device)
     meta = read_meta(teacher)
     console.print(f"computing the teacher's {steps}-step reference for seed {seed} (cached at {path})")
     ref = generate(model, es, inference_levels(steps, meta.shift), 1.0, batch, device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(ref, path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    store_reference(teacher, es, seed, steps, ref)
     return ref
 
 
@@ -154,9 +163,12 @@ def evaluate_folder(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path 
         wall += time.time() - t0
         ref = None
         if cfg.reference_steps:
-            ref = imgs if (cfg.steps == cfg.reference_steps and cfg.guidance == 1.0 and
-                           Path(model_dir).resolve() == Path(teacher).resolve()) else \
-                teacher_reference(teacher, es, seed, cfg.reference_steps, cfg.batch_size, dev)
+            if (cfg.steps == cfg.reference_steps and cfg.guidance == 1.0 and shift == meta.shift
+                    and Path(model_dir).resolve() == Path(teacher).resolve()):
+                ref = imgs  # this run is the teacher's reference: keep it for the other rows
+                store_reference(teacher, es, seed, cfg.reference_steps, imgs)
+            else:
+                ref = teacher_reference(teacher, es, seed, cfg.reference_steps, cfg.batch_size, dev)
         s = score(ev, imgs, es.labels, ref)
         console.print(f"eval seed {seed}: " + " ".join(f"{k}={v:.4g}" for k, v in s.items()))
         per_seed.append(s)
