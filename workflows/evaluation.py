@@ -27,6 +27,7 @@ from cdm_core.sampling import sample_euler
 from cdm_core.schedule import inference_levels
 from workflows.config import DEFAULT_EVALUATOR, DEFAULT_TEACHER, EvalConfig
 from workflows.embeddings import cache_dir, empty_prompt, encode_prompts
+from workflows.files import save_atomic
 from workflows.evaluator import Evaluator
 from workflows.model_folder import load_transformer, read_meta
 from workflows.progress import console
@@ -83,10 +84,7 @@ def _reference_path(teacher: str | Path, es: EvalSet, seed: int, steps: int) -> 
 
 def store_reference(teacher: str | Path, es: EvalSet, seed: int, steps: int, images: torch.Tensor) -> None:
     """Keep ``images`` (the teacher's own ``steps``-step, guidance-1 output on ``es``) as its reference."""
-    path = _reference_path(teacher, es, seed, steps)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(images.cpu(), path.with_suffix(".tmp"))
-    path.with_suffix(".tmp").replace(path)
+    save_atomic(images.cpu(), _reference_path(teacher, es, seed, steps))
 
 
 def teacher_reference(teacher: str | Path, es: EvalSet, seed: int, steps: int, batch: int, device) -> torch.Tensor:
@@ -163,8 +161,8 @@ def evaluate_folder(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path 
         wall += time.time() - t0
         ref = None
         if cfg.reference_steps:
-            if (cfg.steps == cfg.reference_steps and cfg.guidance == 1.0 and shift == meta.shift
-                    and Path(model_dir).resolve() == Path(teacher).resolve()):
+            if (model is None and cfg.steps == cfg.reference_steps and cfg.guidance == 1.0
+                    and shift == meta.shift and Path(model_dir).resolve() == Path(teacher).resolve()):
                 ref = imgs  # this run is the teacher's reference: keep it for the other rows
                 store_reference(teacher, es, seed, cfg.reference_steps, imgs)
             else:

@@ -22,6 +22,7 @@ class Group:
     world: int = 1
     device: torch.device = torch.device("cpu")
     _ctrl: object = None  # gloo group for host-side control values (also when the data group is NCCL)
+    _owned: bool = False  # this module created the default group (and so destroys it)
 
     @property
     def distributed(self) -> bool:
@@ -50,6 +51,16 @@ class Group:
         dist.broadcast(t, src=0, group=self._ctrl)
         return float(t.item())
 
+    def mean(self, value: float) -> float:
+        """The mean of ``value`` over the replicas (every rank must call it)."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t, group=self._ctrl)
+        return float(t.item()) / self.world
+
     def check_replicas_agree(self, model: torch.nn.Module) -> None:
         """Raise if the replicas' weights have drifted apart (they must stay bit-identical under DDP)."""
         if not self.distributed:
@@ -70,7 +81,7 @@ class Group:
             dist.barrier(group=self._ctrl)
 
     def close(self) -> None:
-        if self.distributed:
+        if self._owned:
             import torch.distributed as dist
 
             dist.destroy_process_group()
@@ -88,7 +99,8 @@ def init_from_env(device: str) -> Group:
     if dev.type == "cuda":
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     ctrl = dist.new_group(backend="gloo") if dev.type == "cuda" else dist.group.WORLD
-    return Group(rank=dist.get_rank(), world=dist.get_world_size(), device=dev, _ctrl=ctrl)
+    return Group(rank=dist.get_rank(), world=dist.get_world_size(), device=dev, _ctrl=ctrl, _owned=owned)

@@ -32,7 +32,8 @@ from workflows.config import TeacherTrainConfig
 from workflows.embeddings import encode_prompts
 from workflows.fashion_mnist import load_split
 from workflows.model_folder import ModelMeta, load_transformer, save_model_folder
-from workflows.process_group import init_from_env
+from workflows.files import save_atomic
+from workflows.process_group import Group, init_from_env
 from workflows.progress import StepLogger, console
 from workflows.prompts import TRAIN_TEMPLATES, train_prompts
 
@@ -49,9 +50,15 @@ def lr_factor(step: int, warmup: int, progress: float) -> float:
 
 
 def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "") -> Path:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pg = init_from_env(cfg.device)
+    try:
+        return _train(cfg, Path(out_dir), command, pg)
+    finally:
+        pg.close()
+
+
+def _train(cfg: TeacherTrainConfig, out: Path, command: str, pg: Group) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % pg.world:
         raise ValueError(f"batch_size: {cfg.batch_size} does not split over {pg.world} processes")
     dev, say = pg.device, (console.print if pg.is_main else (lambda *a, **k: None))
@@ -64,7 +71,11 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
     images, labels = load_split("train", cfg.data_dir)
     images, labels = images.to(dev), labels.to(dev)
     prompts = train_prompts()
+    if not pg.is_main:
+        pg.barrier()  # rank 0 fills the embedding cache first; the others then read it
     table = encode_prompts([p for p, _ in prompts] + [""]).to(dev)
+    if pg.is_main:
+        pg.barrier()
     cond_table, empty = table.index(slice(0, -1)), table.index(slice(-1, None))
     n_tmpl = len(TRAIN_TEMPLATES)
 
@@ -103,10 +114,10 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         torch.manual_seed(cfg.seed + 1_000_003 * (pg.rank + 1) + step)
 
     def save_ckpt() -> None:
+        pg.check_replicas_agree(model)  # every rank: a drift stops the run before it is saved
         if not pg.is_main:
             return
-        tmp = ckpt.with_suffix(".tmp")
-        torch.save(
+        save_atomic(
             {
                 "model": model.state_dict(),
                 "ema": ema.state_dict(),
@@ -117,9 +128,8 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
                 "step": step,
                 "config": cfg.model_dump(mode="json"),
             },
-            tmp,
+            ckpt,
         )
-        tmp.replace(ckpt)
 
     log = StepLogger(cfg.steps, "teacher", cfg.log_every, start=step,
                      budget_s=budget_s - elapsed_before if budget_s > 0 else None)
@@ -159,11 +169,12 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         loss_avg = lv if loss_avg is None else 0.98 * loss_avg + 0.02 * lv
         prog = progress()
         done = step == cfg.steps or prog >= 1.0
-        if pg.is_main and (done or log.due(step)):  # the loss (rank 0's) is read back only here
-            log(step, force=done, loss=float(loss_avg), lr=lr)
+        if done or log.due(step):  # the loss is read back (and averaged over the replicas) only here
+            loss_mean = pg.mean(float(loss_avg))
+            if pg.is_main:
+                log(step, force=done, loss=loss_mean, lr=lr)
         if step % cfg.checkpoint_every == 0 or done:
             save_ckpt()
-    pg.check_replicas_agree(model)
     if step < cfg.steps:
         say(f"teacher: time budget spent at step {step} of {cfg.steps} "
             f"(max_minutes={cfg.max_minutes}); the learning-rate decay is complete")
@@ -175,7 +186,7 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
             "command": command,
             "steps_done": step,
             "config": cfg.model_dump(mode="json"),
-            "final_loss_ema": float(loss_avg) if loss_avg is not None else None,
+            "final_loss_ema": pg.mean(float(loss_avg)) if loss_avg is not None else None,
             "wall_s": round(elapsed(), 1),
             "device": str(dev),
             "processes": pg.world,
@@ -186,5 +197,4 @@ def train_teacher(cfg: TeacherTrainConfig, out_dir: str | Path, command: str = "
         save_model_folder(ema.shadow.cpu(), folder, meta)
         say(f"teacher: EMA weights exported to {folder}")
     pg.barrier()
-    pg.close()
     return folder
