@@ -102,4 +102,5 @@ def test_teacher_train_data_parallel_under_torchrun(tmp_path):
     assert state["step"] == first + 3 and state["ema"]["num_updates"] == first + 3
     meta = json.loads((tmp_path / "model" / "cdm_model.json").read_text())
     assert meta["provenance"]["processes"] == 2 and meta["provenance"]["steps_done"] == first + 3
+    assert meta["provenance"]["launcher"].startswith("torchrun --nproc_per_node 2")
     SD3Transformer2DModel.from_pretrained(str(tmp_path / "model" / "transformer"))

@@ -190,6 +190,7 @@ def _train(cfg: TeacherTrainConfig, out: Path, command: str, pg: Group) -> Path:
             "wall_s": round(elapsed(), 1),
             "device": str(dev),
             "processes": pg.world,
+            **({"launcher": f"torchrun --nproc_per_node {pg.world} -m workflows.cli (= cdm)"} if pg.world > 1 else {}),
         },
     )
     folder = out / "model"
