@@ -101,6 +101,13 @@ class TaskLog:
         self._append({**entry, "kind": task[0], "task": list(task), "by": list(self.me)})
 
 
+def _shown(path: str) -> str:
+    """A path inside the repository as the repository-relative path a reader can use; others unchanged."""
+    root = Path(__file__).resolve().parent.parent
+    p = Path(path).resolve()
+    return str(p.relative_to(root)) if p.is_relative_to(root) else path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=str(DEFAULT_TEACHER))
@@ -176,7 +183,7 @@ def main() -> None:
         "command": "python benchmarks/teacher_baseline.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
         "n_samples": a.n_samples,
         "seeds": seeds,
-        "teacher": a.teacher,
+        "teacher": _shown(a.teacher),
         "cfg_selection": {"val_seed": a.val_seed, "steps": 28, "fd_by_cfg": {str(k): v for k, v in val.items()},
                           "best_cfg": best},
         "rows": rows,
