@@ -46,13 +46,14 @@ def _sample_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def matching_loss(x0_hat: torch.Tensor, delta: torch.Tensor, d_ref: torch.Tensor, tau: torch.Tensor,
-                  anchor: torch.Tensor | None = None, floor: float = NORM_FLOOR) -> LossResult:
-    """``mean_b mean_e (x0_hat - sg(a + nan_to_num(Delta / n)))^2``, ``n = max(mean|d_ref - a|, floor)``.
+                  floor: float = NORM_FLOOR) -> LossResult:
+    """``mean_b mean_e (x0_hat - sg(a + nan_to_num(Delta / n)))^2``, ``n = max(mean|d_ref - a|, floor)``,
+    ``a = sg(x0_hat)``.
 
-    x0_hat: (B, ...) with gradient; delta, d_ref: (B, ...) without; ``a`` = ``anchor`` (the clean estimate
-    the direction was computed around) or ``sg(x0_hat)``.
+    x0_hat: (B, ...) with gradient; delta, d_ref: (B, ...) without. ``floor`` is in the data's units (0.1 suits
+    SD3's unit-variance latents; pixel space on [-1, 1] needs a smaller one, see CDMConfig.norm_floor).
     """
-    a = (x0_hat if anchor is None else anchor).detach()
+    a = x0_hat.detach()
     n = _sample_mean((d_ref - a).abs()).clamp_min(floor)
     direction = torch.nan_to_num(delta / expand_t(n, delta), nan=0.0, posinf=0.0, neginf=0.0)
     target = (a + direction).detach()
@@ -79,21 +80,23 @@ def ca_loss(x0_hat: torch.Tensor, real: VelocityFn, cond: Cond, uncond: Cond, ep
 
 
 def dm_loss(x0_hat: torch.Tensor, real: VelocityFn, fake: VelocityFn, cond: Cond, eps: torch.Tensor,
-            tau: torch.Tensor, anchor: torch.Tensor | None = None, floor: float = NORM_FLOOR) -> LossResult:
-    """Distribution matching. ``z = (1-tau) a + tau eps`` with ``a = sg(x0_hat)`` (or ``anchor``);
+            tau: torch.Tensor, z_base: torch.Tensor | None = None, floor: float = NORM_FLOOR) -> LossResult:
+    """Distribution matching. ``z = (1-tau) b + tau eps`` with ``b = sg(x0_hat)`` (or ``z_base``);
     ``Delta = D_R(z, tau, c) - D_F(z, tau, c)`` (conditional only, no CFG; by Tweedie
-    ``= -tau (v_R - v_F)``); ``n = max(mean|D_R - a|, floor)``.
+    ``= -tau (v_R - v_F)``); ``n = max(mean|D_R - sg(x0_hat)|, floor)``; target ``sg(x0_hat + Delta / n)``.
 
     Also the CDM term, called at the off-trajectory clean estimate ``x0_hat' = x' - t' G(x', t', c)``.
-    ``anchor`` (the "final" target ablation) computes the direction around another clean estimate.
+    ``z_base`` (the "final" target ablation: the rollout's last clean estimate) only moves the point where
+    the direction is measured; normaliser and target stay at ``sg(x0_hat)``, as in the authors' code.
     """
-    a = (x0_hat if anchor is None else anchor).detach()
+    a = x0_hat.detach()
+    b = a if z_base is None else z_base.detach()
     with torch.no_grad():
-        z = interpolate(a, eps, tau)
+        z = interpolate(b, eps, tau)
         d_real = x0_from_velocity(z, tau, real(z, tau, cond))
         d_fake = x0_from_velocity(z, tau, fake(z, tau, cond))
         delta = d_real - d_fake
-    return matching_loss(x0_hat, delta, d_real, tau, anchor=a, floor=floor)
+    return matching_loss(x0_hat, delta, d_real, tau, floor=floor)
 
 
 def fake_loss(fake: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor, cond: Cond) -> LossResult:

@@ -36,6 +36,8 @@ class LoopConfig:
     warmup_steps: int = 100
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999
+    lr_decay: str = "none"  # none | cosine (to min_lr_ratio at the last student step; the fake in step)
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -54,8 +56,10 @@ def build_distiller(teacher: torch.nn.Module, cdm: CDMConfig, loop: LoopConfig,
     student = copy.deepcopy(teacher).train().requires_grad_(True)
     fake = copy.deepcopy(teacher).train().requires_grad_(True)
     teacher.eval().requires_grad_(False)
-    so, ss = warmup_adamw(student, loop.lr_student, loop.betas, loop.weight_decay, loop.warmup_steps)
-    fo, fs = warmup_adamw(fake, loop.lr_fake, loop.betas, loop.weight_decay, loop.warmup_steps)
+    so, ss = warmup_adamw(student, loop.lr_student, loop.betas, loop.weight_decay, loop.warmup_steps,
+                          loop.student_steps, loop.lr_decay, loop.min_lr_ratio)
+    fo, fs = warmup_adamw(fake, loop.lr_fake, loop.betas, loop.weight_decay, loop.warmup_steps,
+                          loop.student_steps * cdm.update_ratio, loop.lr_decay, loop.min_lr_ratio)
     st = TorchTrainable(student, so, velocity_of, loop.max_grad_norm, ss)
     ft = TorchTrainable(fake, fo, velocity_of, loop.max_grad_norm, fs)
     ema = EMA(student, loop.ema_decay)

@@ -2,8 +2,9 @@
 iteration a student step (CA + DM + CDM) and the student EMA update.
 
 Every ablation of CDM_SPEC.md is a field of :class:`CDMConfig` on this one code path:
-``schedule`` fixed | dynamic; ``use_ca/use_dm/use_cdm``; ``off_trajectory`` velocity | gaussian;
-``target`` local | final; ``n_max``; ``alpha``; ``update_ratio``; the loss weights.
+``schedule`` fixed | dynamic; ``use_ca/use_dm/use_cdm``; ``off_trajectory`` velocity | gaussian (re-noising
+the rollout's ``gaussian_base``: final | anchor); ``target`` local | final; ``n_max``; ``alpha``;
+``update_ratio``; the loss weights; ``norm_floor``; ``fake_mix`` (a variant outside the authors' code).
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from cdm_core.trainable import Trainable, blend_parameters
 
 @dataclass(frozen=True)
 class CDMConfig:
-    """The algorithm's knobs; defaults are the spec's SD3 values."""
+    """The algorithm's knobs; defaults are the spec's SD3 values.
+
+    ``norm_floor``: lower bound of the per-sample normaliser ``n = max(mean|D_R - x0_hat|, floor)``, in the
+    data's units (0.1 for SD3's unit-variance latents; in pixel space on [-1, 1] the median ``n`` is ~0.01-0.07,
+    so 0.1 would bind at most noise levels). ``fake_mix``: share of the fake teacher's batch taken from the
+    off-trajectory estimates ``x0_hat'`` that L_CDM scores, instead of the anchor estimates ``x0_hat_i`` (0 =
+    the authors' code; costs one student forward without gradient).
+    """
 
     schedule: Literal["dynamic", "fixed"] = "dynamic"
     n_max: int = 28
@@ -41,6 +49,8 @@ class CDMConfig:
     alpha: float = 7.0
     off_trajectory: Literal["velocity", "gaussian"] = "velocity"
     target: Literal["local", "final"] = "local"
+    gaussian_base: Literal["final", "anchor"] = "final"
+    fake_mix: float = 0.0
     tau_min: float = 0.02
     tau_max: float = 0.98
     norm_floor: float = 0.1
@@ -55,6 +65,12 @@ class CDMConfig:
             raise ValueError(f"off_trajectory must be velocity or gaussian, got {self.off_trajectory!r}")
         if self.target not in ("local", "final"):
             raise ValueError(f"target must be local or final, got {self.target!r}")
+        if self.gaussian_base not in ("final", "anchor"):
+            raise ValueError(f"gaussian_base must be final or anchor, got {self.gaussian_base!r}")
+        if not 0.0 <= self.fake_mix <= 1.0:
+            raise ValueError(f"fake_mix must be in [0, 1], got {self.fake_mix}")
+        if not self.norm_floor > 0.0:
+            raise ValueError(f"norm_floor must be > 0, got {self.norm_floor}")
         if self.n_max < 1 or self.update_ratio < 1 or self.fixed_steps < 1:
             raise ValueError("n_max, update_ratio and fixed_steps must be >= 1")
         if not 0.0 < self.tau_min < self.tau_max < 1.0:
@@ -70,9 +86,13 @@ class CDMConfig:
         return asdict(self)
 
 
-def rank_seed(seed: int, rank: int, step: int) -> int:
-    """Per-(seed, rank, step) seed of the noise draws (different on each rank, reproducible)."""
-    return (int(seed) * 1_000_003 + int(rank) * 999_983 + int(step) * 7_919 + 777) % (2**62)
+def rank_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
+    """Per-(seed, rank, step) seed of one random stream (different on each rank, reproducible).
+
+    Streams: 0 = noise and noise levels, 1 = anchor indices, 2 = fake-mix draws. Each stream gets its own
+    integer, so two generators never replay the same sequence.
+    """
+    return (int(seed) * 1_000_003 + int(rank) * 999_983 + int(step) * 7_919 + int(stream) * 104_729 + 777) % (2**62)
 
 
 @dataclass
@@ -118,18 +138,22 @@ class CDMStep:
         c = self.cfg
         b = shape[0]
         g = torch.Generator(device=device).manual_seed(rank_seed(c.seed, self.rank, iteration))
-        g_cpu = torch.Generator().manual_seed(rank_seed(c.seed, self.rank, iteration))
+        g_cpu = torch.Generator().manual_seed(rank_seed(c.seed, self.rank, iteration, stream=1))
         randn = lambda: torch.randn(shape, generator=g, device=device, dtype=dtype)  # noqa: E731
         sched = self.schedule(iteration)
         anchors = pick_anchors(sched, b, g_cpu)
-        need_final = c.use_cdm and c.target == "final"
+        need_final = c.use_cdm and (c.target == "final" or
+                                    (c.off_trajectory == "gaussian" and c.gaussian_base == "final"))
         roll = backward_simulation(self.student.velocity, randn(), sched.sigmas, anchors, cond, need_final,
                                    self.sync_depth)
         m: dict[str, float] = {"schedule/n": float(sched.n), "schedule/t_mean": float(roll.t.mean()),
                                "nfe/rollout": float(roll.nfe)}
 
         # fake teacher: denoise the student's current samples; then blend toward the student
-        lf = fake_loss(self.fake.velocity, roll.x0_hat, randn(), self._uniform(b, g, device), cond)
+        x0_fake = roll.x0_hat
+        if c.fake_mix > 0.0:
+            x0_fake = self._mix_off_trajectory(roll, cond, iteration, device)
+        lf = fake_loss(self.fake.velocity, x0_fake, randn(), self._uniform(b, g, device), cond)
         r = self.fake.apply(lf.loss)
         m.update(lf.log("fake"))
         m["grad_norm/fake"], m["skipped/fake"] = r.grad_norm, float(r.skipped)
@@ -140,6 +164,19 @@ class CDMStep:
         if update:
             m.update(self._student_step(roll, cond, uncond, b, g, device, randn))
         return StepResult(iteration, sched.n, update, m)
+
+    @torch.no_grad()
+    def _mix_off_trajectory(self, roll, cond: Cond, iteration: int, device) -> torch.Tensor:
+        """Replace a ``fake_mix`` share of the anchor estimates by off-trajectory ones, built as L_CDM builds
+        them (``x' = x + (t' - t) v_roll``, ``x0_hat' = x' - t' G(x', t')``), from a stream of its own."""
+        c = self.cfg
+        b = roll.x.shape[0]
+        g = torch.Generator(device=device).manual_seed(rank_seed(c.seed, self.rank, iteration, stream=2))
+        pick = torch.rand(b, generator=g, device=device) < c.fake_mix
+        t_off = self._uniform(b, g, device)
+        x_off = euler_step(roll.x, roll.t, t_off, roll.v)
+        x0_off = x0_from_velocity(x_off, t_off, self.student.velocity(x_off, t_off, cond))
+        return torch.where(pick.view(-1, *[1] * (roll.x.ndim - 1)), x0_off, roll.x0_hat)
 
     def _student_step(self, roll, cond, uncond, b, g, device, randn) -> dict[str, float]:
         c = self.cfg
@@ -162,12 +199,13 @@ class CDMStep:
             t_off = self._uniform(b, g, device)
             if c.off_trajectory == "velocity":
                 x_off = euler_step(x, t, t_off, v_roll)  # x + (t' - t) v_roll, no gradient
-            else:
-                x_off = interpolate(roll.x0_hat, randn(), t_off)
+            else:  # re-noise a clean estimate to t': the rollout's final one (authors' default) or the anchor's
+                base = roll.final_x0_hat if c.gaussian_base == "final" else roll.x0_hat
+                x_off = interpolate(base, randn(), t_off)
             x0_off = x0_from_velocity(x_off, t_off, self.student.velocity(x_off, t_off, cond))
-            anchor = roll.final_x0_hat if c.target == "final" else None
+            z_base = roll.final_x0_hat if c.target == "final" else None
             lc = dm_loss(x0_off, self.real, self.fake.velocity, cond, randn(), self._uniform(b, g, device),
-                         anchor=anchor, floor=c.norm_floor)
+                         z_base=z_base, floor=c.norm_floor)
             total = total + c.w_cdm * lc.loss
             m.update(lc.log("cdm"))
         r = self.student.apply(total)

@@ -8,6 +8,7 @@ and LoRA adapters in the same protocol, so the maths is the same object everywhe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Protocol, runtime_checkable
 
@@ -92,9 +93,25 @@ def blend_parameters(target: Iterable[torch.nn.Parameter], source: Iterable[torc
         p_t.lerp_(p_s.detach().to(p_t.dtype), 1.0 - decay)
 
 
-def warmup_adamw(module: torch.nn.Module, lr: float, betas=(0.9, 0.999), weight_decay: float = 1e-4,
-                 warmup_steps: int = 100) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with linear warm-up, as the spec's student and fake optimizers."""
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+def lr_factor(k: int, warmup_steps: int, total_steps: int | None = None, decay: str = "none",
+              min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at optimizer step ``k``: linear warm-up ``(k+1)/warmup``, then constant
+    (``decay="none"``) or a cosine from 1 down to ``min_ratio`` at ``total_steps`` (``decay="cosine"``)."""
     w = max(1, warmup_steps)
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / w))
+    if k + 1 < w:
+        return (k + 1) / w
+    if decay == "none" or not total_steps or total_steps <= w:
+        return 1.0
+    if decay != "cosine":
+        raise ValueError(f"lr decay must be none or cosine, got {decay!r}")
+    p = min(1.0, (k + 1 - w) / (total_steps - w))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def warmup_adamw(module: torch.nn.Module, lr: float, betas=(0.9, 0.999), weight_decay: float = 1e-4,
+                 warmup_steps: int = 100, total_steps: int | None = None, decay: str = "none",
+                 min_ratio: float = 0.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with linear warm-up (and optionally cosine decay), as the spec's student and fake optimizers."""
+    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
+    return opt, torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: lr_factor(k, warmup_steps, total_steps, decay, min_ratio))

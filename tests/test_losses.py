@@ -136,3 +136,28 @@ def test_fake_loss_is_velocity_regression_and_detaches_x0():
     torch.testing.assert_close(res.loss, expected)
     res.loss.backward()
     assert x0_req.grad is None and fake.w.grad is not None
+
+
+def test_final_target_measures_the_direction_at_the_final_sample_but_keeps_n_and_target_local():
+    """``target: final``: z is built from the rollout's final estimate; the normaliser and the target base stay
+    at sg(x0_hat'), so the gradient is ``-2 Delta_final / (n_local B numel)`` (not a regression onto it)."""
+    x0, eps, tau = _x0_eps_tau()
+    final = x0 + 0.3 * torch.randn_like(x0)
+    real, fake = LinearVelocity(1), LinearVelocity(2)
+    cond = _cond()
+    x0_hat = x0.clone().requires_grad_(True)
+    dm_loss(x0_hat, real, fake, cond, eps, tau, z_base=final).loss.backward()
+    with torch.no_grad():
+        z = flow.interpolate(final, eps, tau)
+        d_r = flow.x0_from_velocity(z, tau, real(z, tau, cond))
+        d_f = flow.x0_from_velocity(z, tau, fake(z, tau, cond))
+        n = _n(d_r, x0)
+    torch.testing.assert_close(x0_hat.grad, -2 * (d_r - d_f) / (n.reshape(B, 1, 1, 1) * B * NUMEL))
+
+
+def test_normaliser_floor_is_configurable():
+    x0, _, tau = _x0_eps_tau()
+    d_ref = x0 + 0.02
+    assert torch.all(matching_loss(x0.clone(), torch.ones_like(x0), d_ref, tau).normalizer == 0.1)
+    torch.testing.assert_close(matching_loss(x0.clone(), torch.ones_like(x0), d_ref, tau, floor=0.001).normalizer,
+                               torch.full((B,), 0.02, dtype=D))

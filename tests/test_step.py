@@ -96,6 +96,8 @@ def test_student_gradient_is_zero_when_all_three_coincide_and_alpha_zero():
         dict(use_cdm=False),
         dict(off_trajectory="gaussian"),
         dict(target="final"),
+        dict(off_trajectory="gaussian", gaussian_base="anchor"),
+        dict(fake_mix=0.5, norm_floor=0.01),
         dict(use_ca=False, use_dm=False),
         dict(use_ca=True, use_dm=False, use_cdm=False),
         dict(w_ca=0.5, w_dm=2.0, w_cdm=0.1, alpha=0.25, update_ratio=3),
@@ -129,3 +131,36 @@ def test_non_finite_gradient_skips_the_step():
     # inf/NaN gradients are zeroed (nan_to_num), so the step cannot move or poison the weights
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all(torch.isfinite(p).all() for p in m.parameters()) and r.grad_norm == 0.0
+
+
+def test_anchor_indices_and_noise_come_from_different_streams():
+    from cdm_core.step import rank_seed
+
+    assert len({rank_seed(3, 0, 7, stream) for stream in range(3)}) == 3
+    # the anchor stream no longer replays the noise stream's first draws
+    g0 = torch.Generator().manual_seed(rank_seed(3, 0, 7, 0))
+    g1 = torch.Generator().manual_seed(rank_seed(3, 0, 7, 1))
+    assert not torch.equal(torch.rand(8, generator=g0), torch.rand(8, generator=g1))
+
+
+def test_fake_mix_trains_the_fake_teacher_on_off_trajectory_estimates():
+    # fake_mix 0 and 1 draw the same noise; only the fake teacher's training samples differ
+    runs = {}
+    for mix in (0.0, 1.0):
+        step, _, fake, _ = _make(CDMConfig(n_max=3, alpha=1.0, update_ratio=2, fake_mix=mix))
+        res = _run(step, 1)
+        runs[mix] = (res[0].metrics["loss/fake"], [p.detach().clone() for p in fake.parameters()])
+    assert runs[0.0][0] != runs[1.0][0]
+    assert any(not torch.equal(a, b) for a, b in zip(runs[0.0][1], runs[1.0][1]))
+
+
+def test_lr_decay_is_warmup_then_cosine_to_the_floor():
+    from cdm_core.trainable import lr_factor
+
+    assert lr_factor(0, 10) == pytest.approx(0.1) and lr_factor(500, 10) == 1.0
+    assert lr_factor(9, 10, 110, "cosine") == 1.0
+    assert lr_factor(59, 10, 110, "cosine", 0.1) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(109, 10, 110, "cosine", 0.1) == pytest.approx(0.1)
+    assert lr_factor(500, 10, 110, "cosine", 0.1) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="cosine"):
+        lr_factor(50, 10, 110, "linear")
