@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 ASSET_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_TEACHER = ASSET_DIR / "teacher-tiny"
-DEFAULT_EVALUATOR = ASSET_DIR / "evaluator"
+DEFAULT_EVALUATOR = ASSET_DIR / "evaluator"  # the first judge (cnn)
+DEFAULT_JUDGE2 = ASSET_DIR / "judge2"  # the second, independent judge (resnet)
 
 
 class ConfigError(ValueError):

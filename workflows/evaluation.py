@@ -11,6 +11,7 @@ teacher's ``reference_steps``-step output from the same noise and prompt (cached
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import statistics
@@ -21,19 +22,24 @@ from pathlib import Path
 import torch
 
 from cdm_core.conditioning import Cond
-from cdm_core.metrics import adherence, feature_stats, frechet_distance, high_frequency_energy, mse, precision_recall
+from cdm_core.metrics import (PixelReference, adherence, feature_stats, frechet_distance, high_frequency_energy, mse,
+                              pixel_panel, precision_recall, selection_score)
 from cdm_core.models.sd3 import SD3Velocity
 from cdm_core.sampling import sample_euler
 from cdm_core.schedule import inference_levels
-from workflows.config import DEFAULT_EVALUATOR, DEFAULT_TEACHER, EvalConfig
+from workflows.config import DEFAULT_EVALUATOR, DEFAULT_JUDGE2, DEFAULT_TEACHER, EvalConfig
 from workflows.embeddings import cache_dir, empty_prompt, encode_prompts
-from workflows.files import save_atomic
+from workflows.files import save_atomic, write_text_atomic
 from workflows.evaluator import Evaluator
 from workflows.model_folder import load_transformer, read_meta
 from workflows.progress import console
 from workflows.prompts import HELDOUT_TEMPLATES, heldout_prompts
 
-METRICS = ("fd", "adherence", "precision", "recall", "hf_gap", "mse_to_teacher100")
+# judge 1 (fd, adherence, precision, recall), judge 2 (the same with a 2), the pixel panel, and the combined
+# selection score (cdm_core.metrics.selection_score) that picks checkpoints and recipes on validation seeds
+METRICS = ("fd", "adherence", "precision", "recall", "hf_gap", "mse_to_teacher100",
+           "fd2", "adherence2", "precision2", "recall2",
+           "near_white", "near_black", "edge_energy", "intensity_w1", "class_mean_gap", "selection_score")
 
 
 @dataclass
@@ -100,17 +106,36 @@ def teacher_reference(teacher: str | Path, es: EvalSet, seed: int, steps: int, b
     return ref
 
 
-def score(ev: Evaluator, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None) -> dict:
-    images = images.clamp(-1, 1)
-    feats, logits = ev.features_and_logits(images)
+@functools.lru_cache(maxsize=1)
+def pixel_reference() -> PixelReference:
+    """The pixel panel of the real test split (computed once per process from the dataset)."""
+    from workflows.fashion_mnist import load_split
+
+    return PixelReference.from_images(*load_split("test"))
+
+
+def judge(ev: Evaluator, images: torch.Tensor, labels: torch.Tensor, suffix: str = "") -> dict:
+    """One judge's FD, precision / recall (k = 3) and adherence, keys suffixed (``fd2`` for the second)."""
+    feats, logits = ev.features_and_logits(images.clamp(-1, 1))
     prec, rec = precision_recall(ev.pr_features, feats[: ev.pr_features.shape[0]], k=3)
-    out = {
-        "fd": frechet_distance(feature_stats(feats), ev.reference),
-        "adherence": adherence(logits, labels),
-        "precision": prec,
-        "recall": rec,
-        "hf_gap": abs(high_frequency_energy(images) - ev.hf_real),
-    }
+    return {f"fd{suffix}": frechet_distance(feature_stats(feats), ev.reference),
+            f"adherence{suffix}": adherence(logits, labels), f"precision{suffix}": prec, f"recall{suffix}": rec}
+
+
+def score(ev: Evaluator, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
+          ev2: Evaluator | None = None) -> dict:
+    """Both judges (the second when given), the pixel panel against the real test split, and with both judges
+    the selection score."""
+    images = images.clamp(-1, 1)
+    out = judge(ev, images, labels)
+    out["hf_gap"] = abs(high_frequency_energy(images) - ev.hf_real)
+    if ev2 is not None:
+        out.update(judge(ev2, images, labels, "2"))
+    ref = pixel_reference()
+    panel = pixel_panel(images, labels, ref)
+    out.update(panel)
+    if ev2 is not None:
+        out["selection_score"] = selection_score(out["fd"], out["fd2"], panel, ref)
     if reference is not None:
         out["mse_to_teacher100"] = mse(images, reference.clamp(-1, 1))
     return out
@@ -123,6 +148,15 @@ def summarize(per_seed: list[dict]) -> dict:
         if vals:
             out[k] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals) if len(vals) > 1 else 0.0}
     return out
+
+
+def _shown(path: str | Path) -> str:
+    """A judge's folder as recorded in results: relative to the repository when it lies inside it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        return str(Path(path).resolve().relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10) -> Path:
@@ -144,14 +178,16 @@ def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10) -> Path:
 
 def evaluate_folder(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | None = None,
                     teacher: str | Path = DEFAULT_TEACHER, evaluator: str | Path = DEFAULT_EVALUATOR,
-                    model: torch.nn.Module | None = None) -> dict:
-    """Evaluate a model folder (or an in-memory ``model`` with that folder's meta) over ``cfg.seeds``."""
+                    model: torch.nn.Module | None = None, judge2: str | Path | None = DEFAULT_JUDGE2) -> dict:
+    """Evaluate a model folder (or an in-memory ``model`` with that folder's meta) over ``cfg.seeds`` with
+    both judges (``judge2=None`` skips the second) and the pixel panel."""
     dev = torch.device(cfg.device)
     meta = read_meta(model_dir)
     shift = cfg.shift if cfg.shift is not None else meta.shift
     levels = inference_levels(cfg.steps, shift)
     net = model if model is not None else load_transformer(model_dir, dev)
     ev = Evaluator.load(evaluator)
+    ev2 = Evaluator.load(judge2) if judge2 is not None else None
     per_seed, wall = [], 0.0
     first = None
     for seed in cfg.seeds:
@@ -167,7 +203,7 @@ def evaluate_folder(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path 
                 store_reference(teacher, es, seed, cfg.reference_steps, imgs)
             else:
                 ref = teacher_reference(teacher, es, seed, cfg.reference_steps, cfg.batch_size, dev)
-        s = score(ev, imgs, es.labels, ref)
+        s = score(ev, imgs, es.labels, ref, ev2)
         console.print(f"eval seed {seed}: " + " ".join(f"{k}={v:.4g}" for k, v in s.items()))
         per_seed.append(s)
         if first is None:
@@ -184,6 +220,7 @@ def evaluate_folder(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path 
         "per_seed": per_seed,
         "s_per_image": wall / (cfg.n_samples * len(cfg.seeds)),
         "device": str(dev),
+        "judges": {"fd": _shown(evaluator), "fd2": _shown(judge2) if judge2 is not None else None},
     }
     if out_dir:
         out = Path(out_dir)
@@ -194,3 +231,24 @@ def evaluate_folder(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path 
         save_grid(grid, out / "grid.png")
         result["outputs"] = {"json": str(out / "eval.json"), "grid": str(out / "grid.png")}
     return result
+
+
+def evaluate_cached(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | None = None,
+                    teacher: str | Path = DEFAULT_TEACHER, evaluator: str | Path = DEFAULT_EVALUATOR,
+                    judge2: str | Path | None = DEFAULT_JUDGE2) -> dict:
+    """:func:`evaluate_folder` of a model folder whose result is cached by the contents of the folder, the
+    judges and the eval config (the teacher's rows of ``cdm run``: 100 NFE on 1,000 images is minutes on CPU)."""
+    h = hashlib.sha256(cfg.model_dump_json().encode())
+    for f in (model_dir, evaluator, judge2, teacher if cfg.reference_steps else None):
+        h.update((folder_hash(f) if f is not None else "-").encode())
+    path = cache_dir() / f"eval-{h.hexdigest()[:20]}.json"
+    if path.exists():
+        res = json.loads(path.read_text())
+        console.print(f"evaluation of {model_dir} ({cfg.steps} steps, guidance {cfg.guidance}) from the cache {path}")
+    else:
+        res = evaluate_folder(model_dir, cfg, None, teacher, evaluator, judge2=judge2)
+        write_text_atomic(json.dumps(res), path)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "eval.json").write_text(json.dumps(res, indent=2) + "\n")
+    return res
