@@ -63,6 +63,22 @@ def _row(name, res, **extra) -> dict:
             "s_per_image": res["s_per_image"], **extra}
 
 
+def _overrides(cls, items: list[str]) -> dict:
+    """``key=value`` pairs typed by the dataclass field's default (``--cdm norm_floor=0.01``)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for item in items or []:
+        k, _, v = item.partition("=")
+        if k not in fields:
+            raise SystemExit(f"--cdm {item}: unknown field {k!r} (fields: {', '.join(sorted(fields))})")
+        d = fields[k].default
+        out[k] = (v.lower() in ("1", "true", "yes")) if isinstance(d, bool) else \
+            (None if v.lower() == "none" else type(d)(v) if d is not None else float(v))
+    return out
+
+
 def cmd_teacher(a) -> None:
     out = Path(a.out)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -86,9 +102,11 @@ def cmd_train(a) -> None:
     out = Path(a.out)
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    cdm = CDMConfig(n_max=a.n_max, alpha=a.alpha, seed=a.seed, w_cdm=a.w_cdm, **ROWS[a.row])
+    cdm = CDMConfig(**{**dict(n_max=a.n_max, alpha=a.alpha, seed=a.seed, w_cdm=a.w_cdm), **ROWS[a.row],
+                       **_overrides(CDMConfig, a.cdm)})
     loop = LoopConfig(batch_size=a.batch_size, student_steps=a.student_steps, lr_student=a.lr,
-                      lr_fake=a.lr * a.fake_lr_ratio, warmup_steps=a.warmup)
+                      lr_fake=a.lr * a.fake_lr_ratio, warmup_steps=a.warmup, lr_decay=a.lr_decay,
+                      min_lr_ratio=a.min_lr_ratio)
     teacher = load_transformer(DEFAULT_TEACHER)
     meta = read_meta(DEFAULT_TEACHER)
     shape = (meta.channels, meta.image_size, meta.image_size)
@@ -112,17 +130,25 @@ def cmd_train(a) -> None:
                     "student_steps": d.step.student_steps, "state": state}, tmp)
         tmp.replace(ckpt)
 
-    def val_fd() -> float:
+    def val_fd() -> dict:
         cfg = build(EvalConfig, dict(steps=4, n_samples=500, seeds=[100], batch_size=250, reference_steps=0))
         r = evaluate_folder(DEFAULT_TEACHER, cfg, None, DEFAULT_TEACHER, DEFAULT_EVALUATOR, model=d.ema.shadow)
-        return r["fd"]["mean"]
+        return {k: r[k]["mean"] for k in r if isinstance(r[k], dict) and "mean" in r[k]}
 
     def track(s: int) -> float:
         """Validation FD of the EMA now; with --keep-best, remember the EMA weights of the best one so far."""
-        fd = val_fd()
-        state["curve"].append({"student_steps": s, "val_fd": fd})
-        if a.keep_best and s > 0 and (state["best"] is None or fd < state["best"]["val_fd"]):
-            state["best"] = {"student_steps": s, "val_fd": fd,
+        v = val_fd()
+        fd = v["fd"]
+        state["curve"].append({"student_steps": s, "val_fd": fd, **{f"val_{k}": x for k, x in v.items()}})
+        if a.snapshots:  # every validated EMA, so other judges can score the whole curve afterwards
+            snap = run_dir / "snapshots" / f"ema_{s:06d}.pt"
+            snap.parent.mkdir(exist_ok=True)
+            torch.save(d.ema.shadow.state_dict(), snap)
+        (run_dir / "curve.json").write_text(json.dumps({"cdm": cdm.to_dict(), "loop": loop.__dict__,
+                                                        "curve": state["curve"]}, indent=1) + "\n")
+        sel = v.get("selection_score", fd)  # both judges + the pixel panel; FD alone without judge 2
+        if a.keep_best and s > 0 and (state["best"] is None or sel < state["best"].get("score", state["best"]["val_fd"])):
+            state["best"] = {"student_steps": s, "val_fd": fd, "score": sel,
                              "ema": {k: v.detach().clone() for k, v in d.ema.shadow.state_dict().items()}}
         return fd
 
@@ -156,12 +182,14 @@ def cmd_train(a) -> None:
 
     run_loop(d, prompts, empty_prompt(), shape, state["iteration"], callback)
     save()
+    if a.no_final_eval:
+        return
     chosen = d.step.student_steps
     if a.keep_best and state["best"] is not None:
         d.ema.shadow.load_state_dict(state["best"]["ema"])
         chosen = state["best"]["student_steps"]
-        print(f"{name}: exporting the EMA of step {chosen} (best validation FD "
-              f"{state['best']['val_fd']:.3f})", flush=True)
+        print(f"{name}: exporting the EMA of step {chosen} (best validation selection score "
+              f"{state['best'].get('score', state['best']['val_fd']):.3f})", flush=True)
     folder = save_model_folder(d.ema.shadow, run_dir / "model", ModelMeta(
         shift=meta.shift, default_steps=4, provenance={"distilled_from": str(DEFAULT_TEACHER), "row": name,
                                                        "cdm": cdm.to_dict(), "loop": loop.__dict__}))
@@ -170,51 +198,84 @@ def cmd_train(a) -> None:
     row = _row(name, res, student_steps=d.step.student_steps, wall_s=round(state["train_s"], 1),
                s_per_student_step=state["train_s"] / max(1, d.step.student_steps), cdm=cdm.to_dict(),
                loop=loop.__dict__, val_curve=state["curve"], exported_student_steps=chosen,
-               selection="best validation FD (seed 100)" if a.keep_best else "last EMA")
+               selection=("best validation selection score (both judges + pixel panel, seed 100, N=500)"
+                          if a.keep_best else "last EMA"),
+               fixed_steps={str(c["student_steps"]): {k: c.get(f"val_{k}") for k in ("fd", "fd2", "near_white",
+                                                                                      "edge_energy")}
+                            for c in state["curve"] if c["student_steps"] in (100, 500, 1000)})
     (out / "rows").mkdir(parents=True, exist_ok=True)
     (out / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     (run_dir / "train_log.json").write_text(json.dumps(state["log"]) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k != "val_curve"}), flush=True)
 
 
+SEED_SUFFIX = "@s"  # a row trained with another training seed: <row>@s<seed> (e.g. cdm@s1)
+TABLE = [("fd", "FD j1 ↓", 2), ("precision", "prec j1 ↑", 3), ("recall", "rec j1 ↑", 3), ("fd2", "FD j2 ↓", 2),
+         ("precision2", "prec j2 ↑", 3), ("recall2", "rec j2 ↑", 3), ("adherence", "adh ↑", 3),
+         ("near_white", "near-white", 4), ("edge_energy", "edge energy", 4)]
+
+
+def _aggregate(group: list[dict]) -> dict:
+    """Rows of one recipe over training seeds: per metric mean ± std over the seeds' (test-seed-mean) values;
+    a single row keeps its spread over evaluation seeds."""
+    import statistics
+
+    if len(group) == 1:
+        r = dict(group[0])
+        r["train_seeds"] = [r.get("cdm", {}).get("seed", 0)] if r.get("cdm") else []
+        r["spread"] = "evaluation seeds"
+        return r
+    out = {k: v for k, v in group[0].items() if not (isinstance(v, dict) and "mean" in v)}
+    out["name"] = group[0]["name"].split(SEED_SUFFIX)[0]
+    out["train_seeds"] = [r["cdm"]["seed"] for r in group]
+    out["spread"] = "training seeds"
+    out["exported_student_steps"] = [r.get("exported_student_steps") for r in group]
+    for k in METRICS:
+        vals = [r[k]["mean"] for r in group if k in r]
+        if len(vals) == len(group):
+            out[k] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "per_seed": vals}
+    out["val_curves"] = {str(r["cdm"]["seed"]): r.get("val_curve") for r in group}
+    out.pop("val_curve", None)
+    return out
+
+
 def cmd_summarize(a) -> None:
+    from workflows.evaluation import pixel_reference
+
     out = Path(a.out)
-    rows = []
-    for name in ORDER + sorted(p.stem for p in (out / "rows").glob("*.json") if p.stem not in ORDER):
-        p = out / "rows" / f"{name}.json"
-        if p.exists():
-            rows.append(json.loads(p.read_text()))
-    if not rows:
+    found = sorted(p.stem for p in (out / "rows").glob("*.json"))
+    names = [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]
+    groups: dict[str, list[dict]] = {}
+    for name in names:
+        groups.setdefault(name.split(SEED_SUFFIX)[0], []).append(json.loads((out / "rows" / f"{name}.json").read_text()))
+    if not groups:
         raise SystemExit(f"no rows under {out / 'rows'}")
+    rows = [_aggregate(g) for g in groups.values()]
+    ref = pixel_reference()
     steps = max((r.get("student_steps") or 0) for r in rows)
     res = {"machine": machine(), "command": a.command, "n_samples": a.n_samples, "student_steps": steps,
+           "real": {"near_white": ref.near_white, "near_black": ref.near_black, "edge_energy": ref.edge_energy},
+           "judges": {"fd": "workflows/assets/evaluator (cnn)", "fd2": "workflows/assets/judge2 (resnet)"},
+           "selection": "each distilled row exports the EMA of its best validation selection score "
+                        "(cdm_core.metrics.selection_score: both judges + pixel panel, validation seed 100, N=500); "
+                        "the table reports test seeds 0,1,2 only",
            "rows": [{k: v for k, v in r.items() if k not in ("val_curve",)} for r in rows]}
     (out / "ablation.json").write_text(json.dumps(res, indent=2) + "\n")
     f = lambda r, k, d=3: f"{r[k]['mean']:.{d}f} ± {r[k]['std']:.{d}f}" if k in r else "–"  # noqa: E731
     lines = ["# Ablation: 4-step students distilled from the built-in teacher", "",
-             f"Machine: {res['machine']}. N = {a.n_samples} samples per evaluation seed, seeds 0,1,2 "
-             "(mean ± std over seeds); FD is not comparable with tables at another N.", "",
-             f"Command: `{a.command}`", "",
-             "| row | NFE | student steps (exported) | FD ↓ | adherence ↑ | precision ↑ | recall ↑ | hf gap ↓ | MSE to teacher-100 ↓ | train s/step |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"Machine: {res['machine']}. N = {a.n_samples} samples per evaluation seed, test seeds 0,1,2. Spread: "
+             "over training seeds where a row has several (its `train seeds` column), else over evaluation seeds. "
+             "j1 = the project's evaluator, j2 = the independent ResNet judge. "
+             f"Real test split: near-white {ref.near_white:.4f}, edge energy {ref.edge_energy:.4f}.", "",
+             f"Selection: {res['selection']}.", "", f"Command: `{a.command}`", "",
+             "| row | NFE | train seeds | steps (exported) | " + " | ".join(t for _, t, _ in TABLE) + " |",
+             "|---|---|---|---|" + "---|" * len(TABLE)]
     for r in rows:
-        sps = f"{r['s_per_student_step']:.2f}" if r.get("s_per_student_step") else "–"
-        ex = f" ({r['exported_student_steps']})" if r.get("exported_student_steps") is not None else ""
-        lines.append(f"| {r['name']} | {r['nfe']} | {r.get('student_steps') or 0}{ex} | {f(r, 'fd', 2)} | "
-                     f"{f(r, 'adherence')} | {f(r, 'precision')} | {f(r, 'recall')} | {f(r, 'hf_gap', 4)} | "
-                     f"{f(r, 'mse_to_teacher100', 4)} | {sps} |")
-    curves = [r for r in rows if r.get("val_curve")]
-    if curves:
-        pts = [c["student_steps"] for c in curves[0]["val_curve"]]
-        if len(pts) > 13:  # keep the table readable: every 50 steps (the JSON rows keep every point)
-            pts = [p for p in pts if p % 50 == 0 or p == pts[-1]]
-        lines += ["", "Validation FD of the EMA student during training (validation seed 100, N = 500, 4 NFE; "
-                  "not the evaluation seeds)" + ("; each row exports the EMA of its best point here:"
-                  if all(str(r.get("selection", "")).startswith("best") for r in curves) else ":"), "",
-                  "| row | " + " | ".join(str(p) for p in pts) + " |", "|---|" + "---|" * len(pts)]
-        for r in curves:
-            vals = {c["student_steps"]: c["val_fd"] for c in r["val_curve"]}
-            lines.append(f"| {r['name']} | " + " | ".join(f"{vals[p]:.2f}" if p in vals else "–" for p in pts) + " |")
+        ex = r.get("exported_student_steps")
+        ex = f" ({ex})" if ex is not None else ""
+        seeds = ",".join(str(x) for x in r.get("train_seeds", [])) or "–"
+        lines.append(f"| {r['name']} | {r['nfe']} | {seeds} | {r.get('student_steps') or 0}{ex} | "
+                     + " | ".join(f(r, k, d) for k, _, d in TABLE) + " |")
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -240,11 +301,19 @@ def main() -> None:
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--w-cdm", type=float, default=1.0, help="weight of the CDM loss term (spec: 1)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--cdm", action="append", default=[], metavar="KEY=VALUE",
+                   help="any CDMConfig field, e.g. --cdm norm_floor=0.01 --cdm fake_mix=0.5 (repeatable)")
+    t.add_argument("--lr-decay", default="none", choices=["none", "cosine"])
+    t.add_argument("--min-lr-ratio", type=float, default=0.0)
+    t.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep the EMA weights of every validation point under runs/<name>/snapshots")
+    t.add_argument("--no-final-eval", action="store_true", help="stop after training (no test-seed evaluation)")
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--val-every", type=int, default=25)
     t.add_argument("--ckpt-every", type=int, default=50)
     t.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
-                   help="export the EMA with the best validation FD (the spec's advice), not the last one")
+                   help="export the EMA with the best validation selection score (both judges and the pixel "
+                        "panel on validation seed 100), not the last one")
     sub.choices["summarize"].add_argument("--command", default="see benchmarks/ablation.py docstring")
     a = ap.parse_args()
     torch.set_num_threads(1)

@@ -15,6 +15,22 @@ def test_tiny_preset_resolves_to_core_config():
     assert job_key(cfg) != job_key(load_config(DistillConfig, "tiny", ["cdm.alpha=0.5"]))
 
 
+def test_every_algorithm_knob_is_settable_from_the_one_config():
+    cfg = load_config(DistillConfig, "tiny", ["cdm.tau_min=0.05", "cdm.tau_max=0.9", "cdm.norm_floor=0.01",
+                                              "cdm.fake_mix=0.5", "cdm.gaussian_base=anchor",
+                                              "optim.lr_decay=cosine", "optim.min_lr_ratio=0.1"])
+    core = cfg.cdm.to_core()
+    assert (core.tau_min, core.tau_max, core.norm_floor, core.fake_mix, core.gaussian_base) == \
+        (0.05, 0.9, 0.01, 0.5, "anchor")
+    assert cfg.optim.lr_decay == "cosine" and cfg.optim.min_lr_ratio == 0.1
+    import dataclasses
+
+    from cdm_core.step import CDMConfig
+
+    # the typed config and the core dataclass hold the same fields: none is unreachable from YAML / --set
+    assert set(type(cfg.cdm).model_fields) == {f.name for f in dataclasses.fields(CDMConfig)}
+
+
 @pytest.mark.parametrize(
     "override, field",
     [
@@ -27,6 +43,10 @@ def test_tiny_preset_resolves_to_core_config():
         (["name=has space"], "name"),
         (["train.bogus=1"], "train.bogus"),
         (["eval.val_every=0", "eval.keep_best=true"], "eval"),
+        (["cdm.fake_mix=2"], "cdm.fake_mix"),
+        (["cdm.tau_min=0.9", "cdm.tau_max=0.5"], "cdm"),
+        (["optim.lr_decay=linear"], "optim.lr_decay"),
+        (["eval.select_by=mse"], "eval.select_by"),
     ],
 )
 def test_out_of_range_values_name_the_field(override, field):

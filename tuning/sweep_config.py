@@ -13,7 +13,11 @@ from pydantic import Field, model_validator
 from workflows.config import ConfigError, Strict, build, deep_merge, parse_overrides, read_mapping, resolve_preset
 from workflows.distill_config import DistillConfig
 
-METRICS = ("val_fd", "val_adherence", "val_precision", "val_recall", "val_hf_gap")
+# val_selection_score (the default) combines both judges and the pixel panel; the reported test figures are
+# never the selecting ones
+METRICS = ("val_selection_score", "val_fd", "val_fd2", "val_adherence", "val_precision", "val_recall",
+           "val_hf_gap")
+LOWER_IS_BETTER = ("val_selection_score", "val_fd", "val_fd2", "val_hf_gap")
 
 
 class ValidationSection(Strict):
@@ -49,7 +53,7 @@ class SweepConfig(Strict):
     name: str = Field("sweep", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
     preset: str = Field("tiny", min_length=1, description="base distillation preset name or YAML path")
     base: dict[str, Any] = Field(default_factory=dict, description="overrides of the base preset (nested)")
-    metric: Literal[METRICS] = "val_fd"  # type: ignore[valid-type]
+    metric: Literal[METRICS] = "val_selection_score"  # type: ignore[valid-type]
     mode: Literal["min", "max"] = "min"
     validation: ValidationSection = ValidationSection()
     space: dict[str, Any] = Field(default_factory=dict)
@@ -59,7 +63,7 @@ class SweepConfig(Strict):
 
     @model_validator(mode="after")
     def _mode(self):
-        best_low = self.metric in ("val_fd", "val_hf_gap")
+        best_low = self.metric in LOWER_IS_BETTER
         if (self.mode == "min") != best_low:
             raise ValueError(f"mode {self.mode!r} optimises {self.metric} the wrong way "
                              f"(use {'min' if best_low else 'max'})")

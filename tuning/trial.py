@@ -3,7 +3,7 @@
 Under Ray Train v2 a Tune trial is a small driver process that builds the ``TorchTrainer``; the
 trainer's workers (DeepSpeed, ``workflows.train_worker``) report the validation metrics every
 ``eval.val_every`` student steps through ``ray.train.report``, and ``TuneReportCallback`` forwards
-rank 0's report to Tune, where the scheduler (ASHA) reads ``val_fd`` against ``student_steps``.
+rank 0's report to Tune, where the scheduler (ASHA) reads ``val_selection_score`` against ``student_steps``.
 
 Identity: the trial's config is the sweep's base with the sampled values set, named after the sweep,
 so its job key (name + config hash) finds the same checkpoints and the same MLflow child run when a

@@ -283,7 +283,7 @@ def train(job: Job, callbacks: list | None = None, val_to_mlflow: bool = True) -
 
 def finish(job: Job, final: Path, metrics: dict | None = None) -> dict:
     """Export the EMA student of ``final``, evaluate it on the test set (``cfg.eval``), log and register it."""
-    from workflows.evaluation import evaluate_folder
+    from workflows.evaluation import METRICS, evaluate_folder
     from workflows.train_worker import BEST_EMA, BEST_META
 
     cfg, c, run_id, job_dir = job.cfg, job.client, job.run_id, job.job_dir
@@ -294,10 +294,11 @@ def finish(job: Job, final: Path, metrics: dict | None = None) -> dict:
     if cfg.eval.keep_best and (final / BEST_META).exists():
         best = json.loads((final / BEST_META).read_text())
         ema_file = BEST_EMA
-        chosen = {"cdm.export.selection": "best_val_fd", "cdm.export.student_steps": str(best["student_steps"]),
-                  "cdm.export.val_fd": f"{best['val_fd']:.6g}"}
-        console.print(f"\\[cdm] exporting the EMA of student step {best['student_steps']} (best validation FD "
-                      f"{best['val_fd']:.4g}; the job ran to step {step})")
+        metric = best.get("metric", "val_fd")
+        chosen = {"cdm.export.selection": f"best_{metric}", "cdm.export.student_steps": str(best["student_steps"]),
+                  f"cdm.export.{metric}": f"{best[metric]:.6g}"}
+        console.print(f"\\[cdm] exporting the EMA of student step {best['student_steps']} (best {metric} "
+                      f"{best[metric]:.4g} on validation seed {cfg.eval.val_seed}; the job ran to step {step})")
     for k, v in chosen.items():
         c.set_tag(run_id, k, v)
     folder = export_student(final, job.teacher, out, cfg, {"mlflow_run_id": run_id, "job_key": job.key,
@@ -306,8 +307,7 @@ def finish(job: Job, final: Path, metrics: dict | None = None) -> dict:
     ev_cfg = build(EvalConfig, dict(steps=4, n_samples=cfg.eval.n_samples, seeds=cfg.eval.seeds,
                                     reference_steps=cfg.eval.reference_steps))
     ev = evaluate_folder(folder, ev_cfg, job_dir / "eval", job.teacher)
-    metrics = {**{f"eval.{k}": ev[k]["mean"] for k in ("fd", "adherence", "precision", "recall", "hf_gap",
-                                                       "mse_to_teacher100") if k in ev}, **(metrics or {})}
+    metrics = {**{f"eval.{k}": ev[k]["mean"] for k in METRICS if k in ev}, **(metrics or {})}
     lineage.log_metrics(c, run_id, [(int(step), metrics)])
     c.log_artifacts(run_id, str(folder), "student")
     c.log_artifact(run_id, str(job_dir / "eval" / "eval.json"), "eval")

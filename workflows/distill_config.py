@@ -29,12 +29,22 @@ class CDMSection(Strict):
     alpha: float = Field(7.0, ge=0.0, le=100.0, description="CFG-augmentation scale")
     off_trajectory: Literal["velocity", "gaussian"] = "velocity"
     target: Literal["local", "final"] = "local"
+    gaussian_base: Literal["final", "anchor"] = Field("final", description="what off_trajectory=gaussian "
+                                                      "re-noises: the rollout's final sample or the anchor's x0_hat")
+    fake_mix: float = Field(0.0, ge=0.0, le=1.0, description="share of the fake teacher's batch taken from "
+                                                             "off-trajectory estimates (0 = authors' code)")
+    tau_min: float = Field(0.02, gt=0.0, lt=1.0)
+    tau_max: float = Field(0.98, gt=0.0, lt=1.0)
+    norm_floor: float = Field(0.1, gt=0.0, le=10.0, description="floor of the DM/CA normaliser, in the data's "
+                                                                "units (0.1 for SD3 latents)")
     update_ratio: int = Field(2, ge=1, le=100)
     fake_blend: float | None = Field(0.999, ge=0.0, le=1.0)
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _ranges(self):
+        if self.tau_min >= self.tau_max:
+            raise ValueError(f"tau_min ({self.tau_min}) must be below tau_max ({self.tau_max})")
         if self.s_min >= self.s_max:
             raise ValueError(f"s_min ({self.s_min}) must be below s_max ({self.s_max})")
         if not (self.use_ca or self.use_dm or self.use_cdm):
@@ -54,6 +64,9 @@ class OptimSection(Strict):
     warmup_steps: int = Field(100, ge=0)
     max_grad_norm: float = Field(1.0, gt=0.0)
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    lr_decay: Literal["none", "cosine"] = Field("none", description="after warm-up: constant, or cosine to "
+                                                                    "min_lr_ratio at the last student step")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class TrainSection(Strict):
@@ -93,8 +106,11 @@ class EvalSection(Strict):
     val_every: int = Field(0, ge=0, description="student steps between validation evaluations (0 = off)")
     val_n_samples: int = Field(500, ge=10, le=1_000_000)
     val_seed: int = Field(100, ge=0, description="validation noise seed; must not be one of the test seeds")
-    keep_best: bool = Field(False, description="export the EMA student with the best validation FD instead of "
-                                               "the last one (needs val_every)")
+    keep_best: bool = Field(False, description="export the EMA student with the best validation score instead "
+                                               "of the last one (needs val_every)")
+    select_by: Literal["selection_score", "fd", "fd2"] = Field(
+        "selection_score", description="validation metric keep_best minimises: selection_score combines both "
+                                       "judges and the pixel panel (cdm_core.metrics.selection_score)")
 
     @model_validator(mode="after")
     def _val_not_test(self):

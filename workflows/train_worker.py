@@ -54,6 +54,7 @@ def train_loop_per_worker(config: dict) -> None:
     from cdm_core.step import CDMStep
     from workflows import lineage
     from workflows.deepspeed_engine import DeepSpeedTrainable, blend, ds_config, ema_update
+    from cdm_core.trainable import warmup_adamw
     from workflows.distill_config import DistillConfig
     from workflows.model_folder import load_transformer, read_meta
 
@@ -78,18 +79,17 @@ def train_loop_per_worker(config: dict) -> None:
     ema = EMA(student, cfg.optim.ema_decay)
     o = cfg.optim
     b = cfg.train.batch_size_per_worker
-    warm = max(1, o.warmup_steps)
 
-    def engine(module, lr):
-        opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(o.beta1, o.beta2), weight_decay=o.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / warm))
+    def engine(module, lr, total_steps):
+        opt, sched = warmup_adamw(module, lr, (o.beta1, o.beta2), o.weight_decay, o.warmup_steps, total_steps,
+                                  o.lr_decay, o.min_lr_ratio)
         eng, *_ = deepspeed.initialize(model=module, optimizer=opt, lr_scheduler=sched,
                                        config=ds_config(b, cfg.deepspeed.zero_stage, cfg.deepspeed.precision,
                                                         o.max_grad_norm, cfg.scaling.use_gpu))
         return DeepSpeedTrainable(eng, cfg.deepspeed.zero_stage)
 
-    st = engine(student, o.lr_student)
-    ft = engine(fake, o.lr_student * o.fake_lr_ratio)
+    st = engine(student, o.lr_student, cfg.train.student_steps)
+    ft = engine(fake, o.lr_student * o.fake_lr_ratio, cfg.train.student_steps * cfg.cdm.update_ratio)
     core = cfg.cdm.to_core()
     step = CDMStep(core, st, ft, SD3Velocity(teacher), ema, rank=rank, blend=blend, ema_update=ema_update,
                    sync_depth=max_across_ranks if cfg.deepspeed.zero_stage == 3 and world > 1 else None)
@@ -101,7 +101,7 @@ def train_loop_per_worker(config: dict) -> None:
     dtype = torch.bfloat16 if st.engine.bfloat16_enabled() else torch.float32
 
     iteration, samples_seen = 0, 0
-    # eval.keep_best: the EMA with the best validation FD so far rides along in every checkpoint (rank 0)
+    # eval.keep_best: the EMA with the best validation score (eval.select_by) so far rides along in every checkpoint (rank 0)
     best: dict | None = None
     best_ema: dict | None = None
     ckpt = ray.train.get_checkpoint()
@@ -195,8 +195,9 @@ def train_loop_per_worker(config: dict) -> None:
             if validator is not None:  # every report carries the validation metrics (a sweep's scheduler reads them)
                 val = validator(ema)
                 report.update(val)
-                if cfg.eval.keep_best and (best is None or val["val_fd"] < best["val_fd"]):
-                    best = {"student_steps": s, "val_fd": val["val_fd"]}
+                key = f"val_{cfg.eval.select_by}"
+                if cfg.eval.keep_best and (best is None or val[key] < best["value"]):
+                    best = {"student_steps": s, "metric": key, "value": val[key], **val}
                     best_ema = copy.deepcopy(ema.state_dict())
                 say(f"[cdm] step {s}/{total} validation " + " ".join(f"{k}={v:.4g}" for k, v in val.items()))
                 if val_to_mlflow:
@@ -206,11 +207,11 @@ def train_loop_per_worker(config: dict) -> None:
 
 class Validator:
     """Validation metrics of the EMA student: 4-step samples on the held-out prompts with noise seed
-    ``eval.val_seed`` (never a test seed), scored by the evaluator like the final evaluation."""
+    ``eval.val_seed`` (never a test seed), scored by both judges and the pixel panel like the final evaluation."""
 
     def __init__(self, cfg, meta, dev):
         from cdm_core.schedule import inference_levels
-        from workflows.config import DEFAULT_EVALUATOR
+        from workflows.config import DEFAULT_EVALUATOR, DEFAULT_JUDGE2
         from workflows.evaluation import eval_set
         from workflows.evaluator import Evaluator
 
@@ -218,6 +219,7 @@ class Validator:
                                                                         meta.image_size))
         self.levels = inference_levels(4, cfg.cdm.shift)
         self.ev = Evaluator.load(DEFAULT_EVALUATOR)
+        self.ev2 = Evaluator.load(DEFAULT_JUDGE2)
         self.dev = dev
 
     @torch.no_grad()
@@ -229,7 +231,8 @@ class Validator:
         model.eval()
         imgs = generate(model, self.es, self.levels, 1.0, 500, self.dev)
         model.train(was_training)
-        return {f"val_{k}": float(v) for k, v in score(self.ev, imgs, self.es.labels, None).items()}
+        return {f"val_{k}": float(v) for k, v in score(self.ev, imgs, self.es.labels, None,
+                                                              self.ev2).items()}
 
 
 @torch.no_grad()
