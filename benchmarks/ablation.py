@@ -106,7 +106,7 @@ def cmd_train(a) -> None:
                        **_overrides(CDMConfig, a.cdm)})
     loop = LoopConfig(batch_size=a.batch_size, student_steps=a.student_steps, lr_student=a.lr,
                       lr_fake=a.lr * a.fake_lr_ratio, warmup_steps=a.warmup, lr_decay=a.lr_decay,
-                      min_lr_ratio=a.min_lr_ratio)
+                      min_lr_ratio=a.min_lr_ratio, betas=(a.beta1, 0.999), ema_decay=a.ema_decay)
     teacher = load_transformer(DEFAULT_TEACHER)
     meta = read_meta(DEFAULT_TEACHER)
     shape = (meta.channels, meta.image_size, meta.image_size)
@@ -304,6 +304,8 @@ def main() -> None:
     t.add_argument("--cdm", action="append", default=[], metavar="KEY=VALUE",
                    help="any CDMConfig field, e.g. --cdm norm_floor=0.01 --cdm fake_mix=0.5 (repeatable)")
     t.add_argument("--lr-decay", default="none", choices=["none", "cosine"])
+    t.add_argument("--beta1", type=float, default=0.9, help="Adam's first-moment decay for student and fake")
+    t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--min-lr-ratio", type=float, default=0.0)
     t.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the EMA weights of every validation point under runs/<name>/snapshots")

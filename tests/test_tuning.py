@@ -157,7 +157,7 @@ def test_asha_sweep_stops_a_bad_trial_nests_runs_and_aliases_the_best_candidate(
     assert "eval.fd" in c.get_run(mv.run_id).data.metrics
     arts = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
     assert {"report/results.csv", "report/results.md", "report/learning_curves.png",
-            "report/val_fd_vs_optim_lr_student.png"} <= arts
+            "report/val_selection_score_vs_optim_lr_student.png"} <= arts
     assert parent.data.tags["cdm.best.optim.lr_student"] == str(res["best"]["config"]["optim.lr_student"])
     # no placement group of a stopped trial is left holding the cluster's CPUs
     import ray
