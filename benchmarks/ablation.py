@@ -52,9 +52,9 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per row, torch {torch.__version__}"
 
 
-def _eval(folder, steps, guidance, n, seeds, out, model=None) -> dict:
+def _eval(folder, steps, guidance, n, seeds, out, model=None, reference_steps=100) -> dict:
     cfg = build(EvalConfig, dict(steps=steps, guidance=guidance, n_samples=n, seeds=seeds, batch_size=250,
-                                 reference_steps=100))
+                                 reference_steps=reference_steps))
     return evaluate_folder(folder, cfg, out, DEFAULT_TEACHER, DEFAULT_EVALUATOR, model=model)
 
 
@@ -194,7 +194,7 @@ def cmd_train(a) -> None:
         shift=meta.shift, default_steps=4, provenance={"distilled_from": str(DEFAULT_TEACHER), "row": name,
                                                        "cdm": cdm.to_dict(), "loop": loop.__dict__}))
     seeds = [int(s) for s in a.seeds.split(",")]
-    res = _eval(folder, 4, 1.0, a.n_samples, seeds, out / "grids" / name)
+    res = _eval(folder, 4, 1.0, a.n_samples, seeds, out / "grids" / name, reference_steps=a.reference_steps)
     row = _row(name, res, student_steps=d.step.student_steps, wall_s=round(state["train_s"], 1),
                s_per_student_step=state["train_s"] / max(1, d.step.student_steps), cdm=cdm.to_dict(),
                loop=loop.__dict__, val_curve=state["curve"], exported_student_steps=chosen,
@@ -310,6 +310,8 @@ def main() -> None:
     t.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=False,
                    help="keep the EMA weights of every validation point under runs/<name>/snapshots")
     t.add_argument("--no-final-eval", action="store_true", help="stop after training (no test-seed evaluation)")
+    t.add_argument("--reference-steps", type=int, default=100,
+                   help="teacher steps of mse_to_teacher100 (0 = skip; its reference costs ~10 CPU min per seed)")
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--val-every", type=int, default=25)
     t.add_argument("--ckpt-every", type=int, default=50)

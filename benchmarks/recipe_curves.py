@@ -23,7 +23,7 @@ import torch  # noqa: E402
 _BASE_CDM = dict(schedule="dynamic", n_max=8, alpha=0.945, use_ca=True, use_dm=True, use_cdm=True, w_cdm=1.0,
                  update_ratio=2, fake_blend=0.999, norm_floor=0.1, fake_mix=0.0, off_trajectory="velocity",
                  target="local", seed=0)
-_BASE_LOOP = dict(batch_size=16, lr_student=2e-5, lr_fake=4e-5, warmup_steps=50, lr_decay="none", min_lr_ratio=0.0,
+_BASE_LOOP = dict(batch_size=16, lr_student=2e-5, lr_fake=4e-5, fake_lr_ratio=2.0, warmup_steps=50, lr_decay="none", min_lr_ratio=0.0,
                   betas=(0.9, 0.999), ema_decay=0.999)
 KEYS = [("val_fd", "FD j1"), ("val_fd2", "FD j2"), ("val_near_white", "near-white"), ("val_edge_energy", "edge")]
 
@@ -67,7 +67,8 @@ def main() -> None:
     data = {r.name: json.loads((r / "curve.json").read_text()) for r in runs}
     base = {**_BASE_CDM, **_BASE_LOOP}
     for d in data.values():  # what each run changed against the ablation recipe
-        knobs = {**d["cdm"], **{k: v for k, v in d["loop"].items() if k != "student_steps"}}
+        knobs = {**d["cdm"], **{k: v for k, v in d["loop"].items() if k != "student_steps"},
+                 "fake_lr_ratio": round(d["loop"]["lr_fake"] / d["loop"]["lr_student"], 3)}
         d["note"] = ", ".join(f"{k}={v}" for k, v in knobs.items() if k in base and base[k] != v
                               and not (isinstance(v, list) and tuple(v) == tuple(base[k]))) or "the ablation recipe"
     lines = ["# Recipe runs: validation curves (seed 100, N = 500)", "",
@@ -84,7 +85,7 @@ def main() -> None:
             d[f"rise_after_best_{k}"] = max(v for _, v in pts[i:]) / pts[i][1] - 1
             d[f"best_step_{k}"] = pts[i][0]
     steps = sorted({c["student_steps"] for d in data.values() for c in d["curve"]})
-    steps = [s for s in steps if s % 50 == 0 or s == 25]
+    steps = [s for s in steps if s in (0, 25, 50, 75, 100, 150, 200, 300, 500, 750, 1000)]
     lines += ["| run | " + " | ".join(str(s) for s in steps) + " |", "|---|" + "---|" * len(steps)]
     for name, d in data.items():
         at = {c["student_steps"]: c for c in d["curve"]}
@@ -105,7 +106,9 @@ def main() -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    notes = out.with_name(out.name + "_notes.md")  # the hand-written findings, kept next to the tables
+    prose = ("\n" + notes.read_text()) if notes.exists() else ""
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n" + prose)
     print("\n".join(lines))
 
 

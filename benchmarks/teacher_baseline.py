@@ -206,7 +206,7 @@ def main() -> None:
     for r in rows:
         f = lambda k, d=3: f"{r[k]['mean']:.{d}f} ± {r[k]['std']:.{d}f}"  # noqa: E731
         lines.append(f"| {r['steps']} | {r['cfg']} | {r['nfe']} | {f('fd', 2)} | {f('adherence')} | {f('precision')} | "
-                     f"{f('recall')} | {f('hf_gap', 4)} | {f('mse_to_teacher100', 4)} | {r['s_per_image']:.2e} |")
+                     f"{f('recall')} | {f('hf_gap', 4)} | {f('mse_to_teacher100', 4)} | {r['s_per_image'] or 0:.2e} |")
     (out / "teacher.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -184,7 +184,7 @@ def _print_result(res: dict) -> None:
     for k in METRICS:
         if k in res:
             t.add_row(k, f"{res[k]['mean']:.4f} ± {res[k]['std']:.4f}")
-    t.add_row("s/image", f"{res['s_per_image']:.5f}")
+    t.add_row("s/image", f"{res['s_per_image']:.5f}" if res['s_per_image'] is not None else "cached")
     console.print(t)
     if "outputs" in res:
         console.print(f"outputs: {res['outputs']['json']}  {res['outputs']['grid']}")
