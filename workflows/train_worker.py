@@ -196,7 +196,9 @@ def train_loop_per_worker(config: dict) -> None:
                 val = validator(ema)
                 report.update(val)
                 key = f"val_{cfg.eval.select_by}"
-                if cfg.eval.keep_best and (best is None or val[key] < best["value"]):
+                # a checkpoint written before select_by existed holds {"val_fd": ...}: compare on what it has
+                held = best.get("value", best.get(key, float("inf"))) if best is not None else None
+                if cfg.eval.keep_best and (best is None or val[key] < held):
                     best = {"student_steps": s, "metric": key, "value": val[key], **val}
                     best_ema = copy.deepcopy(ema.state_dict())
                 say(f"[cdm] step {s}/{total} validation " + " ".join(f"{k}={v:.4g}" for k, v in val.items()))
