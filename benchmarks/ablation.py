@@ -147,7 +147,7 @@ def cmd_train(a) -> None:
         (run_dir / "curve.json").write_text(json.dumps({"cdm": cdm.to_dict(), "loop": loop.__dict__,
                                                         "curve": state["curve"]}, indent=1) + "\n")
         sel = v.get("selection_score", fd)  # both judges + the pixel panel; FD alone without judge 2
-        if a.keep_best and s > 0 and (state["best"] is None or sel < state["best"].get("score", state["best"]["val_fd"])):
+        if a.keep_best and s > 0 and (state["best"] is None or sel < state["best"].get("score", float("inf"))):
             state["best"] = {"student_steps": s, "val_fd": fd, "score": sel,
                              "ema": {k: v.detach().clone() for k, v in d.ema.shadow.state_dict().items()}}
         return fd

@@ -65,11 +65,14 @@ def phase_default() -> dict:
 
     cfg = load_config(DistillConfig, "tiny", default_overrides())
     s = run_distill(cfg, command="python benchmarks/sweep.py --phase default")
-    hist = MlflowClient(URI).get_metric_history(s["run_id"], "val_fd")
+    from tuning.sweep_config import load_sweep
+
+    metric = load_sweep("sweep-tiny")[0].metric  # compare like with like: the metric the sweep optimises
+    hist = MlflowClient(URI).get_metric_history(s["run_id"], metric)
     curve = sorted({m.step: m.value for m in hist}.items())
     return {"config": {"cdm.n_max": cfg.cdm.n_max, "cdm.alpha": cfg.cdm.alpha, "optim.lr_student": cfg.optim.lr_student,
                        "optim.fake_lr_ratio": cfg.optim.fake_lr_ratio},
-            "val": curve[-1][1], "val_curve": curve, "test": s["eval.fd"],
+            "metric": metric, "val": curve[-1][1], "val_curve": curve, "test": s["eval.fd"],
             "test_metrics": {k: v for k, v in s.items() if k.startswith("eval.")}, "run_id": s["run_id"]}
 
 

@@ -30,8 +30,8 @@ class CDMConfig:
     ``norm_floor``: lower bound of the per-sample normaliser ``n = max(mean|D_R - x0_hat|, floor)``, in the
     data's units (0.1 for SD3's unit-variance latents; in pixel space on [-1, 1] the median ``n`` is ~0.01-0.07,
     so 0.1 would bind at most noise levels). ``fake_mix``: share of the fake teacher's batch taken from the
-    off-trajectory estimates ``x0_hat'`` that L_CDM scores, instead of the anchor estimates ``x0_hat_i`` (0 =
-    the authors' code; costs one student forward without gradient).
+    off-trajectory estimates ``x0_hat'`` (built by velocity extrapolation, as L_CDM's default builds them), instead
+    of the anchor estimates ``x0_hat_i`` (0 = the authors' code; costs one student forward without gradient).
     """
 
     schedule: Literal["dynamic", "fixed"] = "dynamic"

@@ -97,13 +97,13 @@ def lr_factor(k: int, warmup_steps: int, total_steps: int | None = None, decay: 
               min_ratio: float = 0.0) -> float:
     """Multiplier of the base lr at optimizer step ``k``: linear warm-up ``(k+1)/warmup``, then constant
     (``decay="none"``) or a cosine from 1 down to ``min_ratio`` at ``total_steps`` (``decay="cosine"``)."""
+    if decay not in ("none", "cosine"):
+        raise ValueError(f"lr decay must be none or cosine, got {decay!r}")
     w = max(1, warmup_steps)
     if k + 1 < w:
         return (k + 1) / w
     if decay == "none" or not total_steps or total_steps <= w:
         return 1.0
-    if decay != "cosine":
-        raise ValueError(f"lr decay must be none or cosine, got {decay!r}")
     p = min(1.0, (k + 1 - w) / (total_steps - w))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
 

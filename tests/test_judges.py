@@ -79,3 +79,14 @@ def test_selection_score_is_zero_panel_penalty_at_the_real_statistics(test_split
     panel = pixel_panel(images, labels, pref)
     assert selection_score(1.0, 1.0, panel, pref) == pytest.approx(0.0, abs=1e-9)
     assert selection_score(2.0, 1.0, panel, pref) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)
+
+
+def test_shipped_pixel_reference_matches_the_test_split(test_split):
+    """Workers and evaluations read the real split's panel from the asset; it must be what the dataset gives."""
+    from workflows.evaluation import PIXEL_REFERENCE, pixel_reference
+
+    assert PIXEL_REFERENCE.exists()
+    shipped, fresh = pixel_reference(), PixelReference.from_images(*test_split)
+    assert shipped.near_white == pytest.approx(fresh.near_white) and shipped.edge_energy == pytest.approx(fresh.edge_energy)
+    torch.testing.assert_close(shipped.quantiles, fresh.quantiles)
+    torch.testing.assert_close(shipped.class_means, fresh.class_means)

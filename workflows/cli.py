@@ -122,7 +122,7 @@ def evaluator_train(
     from workflows.evaluator import KINDS, train_evaluator
 
     if kind not in KINDS:
-        raise typer.BadParameter(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
+        raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
     train_evaluator(out, epochs=epochs, device=device, seed=seed, command=_command_line(), kind=kind)
 
 

@@ -37,6 +37,9 @@ from workflows.prompts import HELDOUT_TEMPLATES, heldout_prompts
 
 # judge 1 (fd, adherence, precision, recall), judge 2 (the same with a 2), the pixel panel, and the combined
 # selection score (cdm_core.metrics.selection_score) that picks checkpoints and recipes on validation seeds
+PIXEL_REFERENCE = Path(__file__).resolve().parent / "assets" / "pixel_reference.json"
+# bump when a metric's definition changes: cached evaluations (evaluate_cached) are keyed by it
+METRICS_VERSION = 1
 METRICS = ("fd", "adherence", "precision", "recall", "hf_gap", "mse_to_teacher100",
            "fd2", "adherence2", "precision2", "recall2",
            "near_white", "near_black", "edge_energy", "intensity_w1", "class_mean_gap", "selection_score")
@@ -108,10 +111,24 @@ def teacher_reference(teacher: str | Path, es: EvalSet, seed: int, steps: int, b
 
 @functools.lru_cache(maxsize=1)
 def pixel_reference() -> PixelReference:
-    """The pixel panel of the real test split (computed once per process from the dataset)."""
+    """The pixel panel of the real test split, shipped as ``workflows/assets/pixel_reference.json`` (so that
+    workers and evaluations need no dataset); computed from the dataset when the file is missing.
+
+    Regenerate: ``python -c "from workflows.evaluation import write_pixel_reference; write_pixel_reference()"``.
+    """
+    if PIXEL_REFERENCE.exists():
+        return PixelReference.from_dict(json.loads(PIXEL_REFERENCE.read_text()))
     from workflows.fashion_mnist import load_split
 
     return PixelReference.from_images(*load_split("test"))
+
+
+def write_pixel_reference(path: str | Path | None = None) -> Path:
+    """Compute the real test split's pixel panel from the dataset and write it (default: the shipped asset)."""
+    from workflows.fashion_mnist import load_split
+
+    return write_text_atomic(json.dumps(PixelReference.from_images(*load_split("test")).to_dict()) + "\n",
+                             path or PIXEL_REFERENCE)
 
 
 def judge(ev: Evaluator, images: torch.Tensor, labels: torch.Tensor, suffix: str = "") -> dict:
@@ -244,9 +261,13 @@ def evaluate_cached(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path 
                     judge2: str | Path | None = DEFAULT_JUDGE2) -> dict:
     """:func:`evaluate_folder` of a model folder whose result is cached by the contents of the folder, the
     judges and the eval config (the teacher's rows of ``cdm run``: 100 NFE on 1,000 images is minutes on CPU)."""
-    h = hashlib.sha256(cfg.model_dump_json().encode())
+    h = hashlib.sha256(f"{METRICS_VERSION}:{cfg.model_dump_json()}".encode())
     for f in (model_dir, evaluator, judge2, teacher if cfg.reference_steps else None):
         h.update((folder_hash(f) if f is not None else "-").encode())
+    for f in (evaluator, judge2):  # the judges' reference statistics, which folder_hash does not cover
+        if f is not None and (Path(f) / "reference.pt").exists():
+            h.update((Path(f) / "reference.pt").read_bytes())
+    h.update(json.dumps(pixel_reference().to_dict()).encode())
     path = cache_dir() / f"eval-{h.hexdigest()[:20]}.json"
     if path.exists():
         res = json.loads(path.read_text())

@@ -196,7 +196,8 @@ def train_loop_per_worker(config: dict) -> None:
                 val = validator(ema)
                 report.update(val)
                 key = f"val_{cfg.eval.select_by}"
-                # a checkpoint written before select_by existed holds {"val_fd": ...}: compare on what it has
+                # a best.json from before select_by holds only {"val_fd": ...}: unless it is the metric selected by,
+                # it counts as no best and is replaced at this validation
                 held = best.get("value", best.get(key, float("inf"))) if best is not None else None
                 if cfg.eval.keep_best and (best is None or val[key] < held):
                     best = {"student_steps": s, "metric": key, "value": val[key], **val}
