@@ -6,7 +6,11 @@ into a 4-step student, one row per variant, on the same budget of student steps 
     python benchmarks/ablation.py summarize                               # ablation.json + ablation.md
 
 Rows: dmd-fixed (fixed DMD2 anchors, CA+DM), dynamic-no-cdm (dynamic schedule, CA+DM), cdm (dynamic +
-CA + DM + CDM), cdm-gaussian (CDM with gaussian re-noising instead of velocity extrapolation).
+CA + DM + CDM), cdm-gaussian (CDM with gaussian re-noising instead of velocity extrapolation; since the quality
+issue it re-noises the rollout's final sample, the authors' default, where the tables in ablation_teacher_v*/
+re-noised the anchor's x0_hat_i: ``--cdm gaussian_base=anchor`` gives the old row).
+A training seed other than 0 is a row of its own named ``<row>@s<seed>``; ``summarize`` reports mean ± std over
+a row's training seeds.
 Every row is evaluated at 4 NFE on evaluation seeds 0,1,2 (held-out paraphrases); during training the
 EMA student's FD is tracked on validation seed 100 (other noise, N=500) for the learning curves.
 A train run writes a checkpoint every ``--ckpt-every`` student steps: rerun the same command to resume.
