@@ -20,9 +20,9 @@ Run rows as parallel single-thread processes (OMP_NUM_THREADS=1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,13 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from cdm_core.models.sd3 import SD3Velocity  # noqa: E402
-from cdm_core.reference_loop import LoopConfig, build_distiller, run_loop  # noqa: E402
+from cdm_core.distiller import build_distiller  # noqa: E402
+from cdm_core.optim import OptimConfig  # noqa: E402
+from cdm_core.reference_loop import LoopConfig, run_loop  # noqa: E402
 from cdm_core.step import CDMConfig  # noqa: E402
 from workflows.config import DEFAULT_EVALUATOR, DEFAULT_TEACHER, EvalConfig, build  # noqa: E402
 from workflows.embeddings import empty_prompt, encode_prompts  # noqa: E402
 from workflows.evaluation import METRICS, evaluate_folder  # noqa: E402
-from workflows.model_folder import ModelMeta, load_transformer, read_meta, save_model_folder  # noqa: E402
+from workflows.model_folder import ModelMeta, load_model, save_model_folder  # noqa: E402
 from workflows.prompts import train_prompts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -57,14 +58,21 @@ def machine() -> str:
 
 
 def _eval(folder, steps, guidance, n, seeds, out, model=None, reference_steps=100) -> dict:
-    cfg = build(EvalConfig, dict(steps=steps, guidance=guidance, n_samples=n, seeds=seeds, batch_size=250,
-                                 reference_steps=reference_steps))
+    cfg = build(
+        EvalConfig,
+        dict(steps=steps, guidance=guidance, n_samples=n, seeds=seeds, batch_size=250, reference_steps=reference_steps),
+    )
     return evaluate_folder(folder, cfg, out, DEFAULT_TEACHER, DEFAULT_EVALUATOR, model=model)
 
 
 def _row(name, res, **extra) -> dict:
-    return {"name": name, "nfe": res["nfe"], **{k: res[k] for k in METRICS if k in res},
-            "s_per_image": res["s_per_image"], **extra}
+    return {
+        "name": name,
+        "nfe": res["nfe"],
+        **{k: res[k] for k in METRICS if k in res},
+        "s_per_image": res["s_per_image"],
+        **extra,
+    }
 
 
 def _overrides(cls, items: list[str]) -> dict:
@@ -78,8 +86,11 @@ def _overrides(cls, items: list[str]) -> dict:
         if k not in fields:
             raise SystemExit(f"--cdm {item}: unknown field {k!r} (fields: {', '.join(sorted(fields))})")
         d = fields[k].default
-        out[k] = (v.lower() in ("1", "true", "yes")) if isinstance(d, bool) else \
-            (None if v.lower() == "none" else type(d)(v) if d is not None else float(v))
+        out[k] = (
+            (v.lower() in ("1", "true", "yes"))
+            if isinstance(d, bool)
+            else (None if v.lower() == "none" else type(d)(v) if d is not None else float(v))
+        )
     return out
 
 
@@ -94,8 +105,9 @@ def cmd_teacher(a) -> None:
             continue
         t0 = time.time()
         res = _eval(DEFAULT_TEACHER, steps, g, a.n_samples, seeds, out / "grids" / name)
-        row = _row(name, res, steps=steps, cfg=g, wall_s=round(time.time() - t0, 1), student_steps=0,
-                   s_per_student_step=None)
+        row = _row(
+            name, res, steps=steps, cfg=g, wall_s=round(time.time() - t0, 1), student_steps=0, s_per_student_step=None
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row, indent=2) + "\n")
         print(json.dumps(row), flush=True)
@@ -106,16 +118,30 @@ def cmd_train(a) -> None:
     out = Path(a.out)
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    cdm = CDMConfig(**{**dict(n_max=a.n_max, alpha=a.alpha, seed=a.seed, w_cdm=a.w_cdm), **ROWS[a.row],
-                       **_overrides(CDMConfig, a.cdm)})
-    loop = LoopConfig(batch_size=a.batch_size, student_steps=a.student_steps, lr_student=a.lr,
-                      lr_fake=a.lr * a.fake_lr_ratio, warmup_steps=a.warmup, lr_decay=a.lr_decay,
-                      min_lr_ratio=a.min_lr_ratio, betas=(a.beta1, 0.999), ema_decay=a.ema_decay)
-    teacher = load_transformer(DEFAULT_TEACHER)
-    meta = read_meta(DEFAULT_TEACHER)
-    shape = (meta.channels, meta.image_size, meta.image_size)
+    cdm = CDMConfig(
+        **{
+            **dict(n_max=a.n_max, alpha=a.alpha, seed=a.seed, w_cdm=a.w_cdm),
+            **ROWS[a.row],
+            **_overrides(CDMConfig, a.cdm),
+        }
+    )
+    loop = LoopConfig(
+        a.batch_size,
+        a.student_steps,
+        OptimConfig(
+            lr_student=a.lr,
+            fake_lr_ratio=a.fake_lr_ratio,
+            warmup_steps=a.warmup,
+            lr_decay=a.lr_decay,
+            min_lr_ratio=a.min_lr_ratio,
+            beta1=a.beta1,
+            ema_decay=a.ema_decay,
+        ),
+    )
+    teacher = load_model(DEFAULT_TEACHER)
+    meta, shape = teacher.meta, teacher.shape
     prompts = encode_prompts([p for p, _ in train_prompts()])
-    d = build_distiller(teacher, cdm, loop, SD3Velocity)
+    d = build_distiller(teacher.module, cdm, loop.optim, loop.student_steps, teacher.family.velocity)
     ckpt = run_dir / "checkpoint.pt"
     state = {"iteration": 0, "train_s": 0.0, "curve": [], "log": [], "best": None}
     if ckpt.exists():
@@ -130,8 +156,16 @@ def cmd_train(a) -> None:
 
     def save() -> None:
         tmp = ckpt.with_suffix(".tmp")
-        torch.save({"student": d.student.state_dict(), "fake": d.fake.state_dict(), "ema": d.ema.state_dict(),
-                    "student_steps": d.step.student_steps, "state": state}, tmp)
+        torch.save(
+            {
+                "student": d.student.state_dict(),
+                "fake": d.fake.state_dict(),
+                "ema": d.ema.state_dict(),
+                "student_steps": d.step.student_steps,
+                "state": state,
+            },
+            tmp,
+        )
         tmp.replace(ckpt)
 
     def val_fd() -> dict:
@@ -148,18 +182,23 @@ def cmd_train(a) -> None:
             snap = run_dir / "snapshots" / f"ema_{s:06d}.pt"
             snap.parent.mkdir(exist_ok=True)
             torch.save(d.ema.shadow.state_dict(), snap)
-        (run_dir / "curve.json").write_text(json.dumps({"cdm": cdm.to_dict(), "loop": loop.__dict__,
-                                                        "curve": state["curve"]}, indent=1) + "\n")
+        (run_dir / "curve.json").write_text(
+            json.dumps({"cdm": cdm.to_dict(), "loop": dataclasses.asdict(loop), "curve": state["curve"]}, indent=1)
+            + "\n"
+        )
         sel = v.get("selection_score", fd)  # both judges + the pixel panel; FD alone without judge 2
         if a.keep_best and s > 0 and (state["best"] is None or sel < state["best"].get("score", float("inf"))):
-            state["best"] = {"student_steps": s, "val_fd": fd, "score": sel,
-                             "ema": {k: v.detach().clone() for k, v in d.ema.shadow.state_dict().items()}}
+            state["best"] = {
+                "student_steps": s,
+                "val_fd": fd,
+                "score": sel,
+                "ema": {k: v.detach().clone() for k, v in d.ema.shadow.state_dict().items()},
+            }
         return fd
 
     if state["iteration"] == 0 and not state["curve"]:
         track(0)
     acc: dict[str, float] = {}
-    t_last = time.time()
 
     def callback(res, secs) -> bool:
         state["train_s"] += secs
@@ -173,10 +212,24 @@ def cmd_train(a) -> None:
             entry = {"student_steps": s, **{k: v / n for k, v in acc.items()}}
             state["log"].append(entry)
             acc.clear()
-            print(f"{name} step {s}/{a.student_steps} " + " ".join(
-                f"{k}={entry[k]:.4g}" for k in ("loss/ca", "loss/dm", "loss/cdm", "loss/fake", "norm/dm",
-                                                "grad_norm/student", "schedule/n") if k in entry)
-                  + f" {state['train_s'] / max(1, s):.2f}s/step", flush=True)
+            print(
+                f"{name} step {s}/{a.student_steps} "
+                + " ".join(
+                    f"{k}={entry[k]:.4g}"
+                    for k in (
+                        "loss/ca",
+                        "loss/dm",
+                        "loss/cdm",
+                        "loss/fake",
+                        "norm/dm",
+                        "grad_norm/student",
+                        "schedule/n",
+                    )
+                    if k in entry
+                )
+                + f" {state['train_s'] / max(1, s):.2f}s/step",
+                flush=True,
+            )
         if res.student_updated and (s % a.val_every == 0 or s == a.student_steps):
             track(s)
             print(f"{name} step {s}: val FD (N=500, seed 100) {state['curve'][-1]['val_fd']:.3f}", flush=True)
@@ -184,7 +237,7 @@ def cmd_train(a) -> None:
             save()
         return False
 
-    run_loop(d, prompts, empty_prompt(), shape, state["iteration"], callback)
+    run_loop(d, loop, prompts, empty_prompt(), shape, state["iteration"], callback)
     save()
     if a.no_final_eval:
         return
@@ -192,21 +245,48 @@ def cmd_train(a) -> None:
     if a.keep_best and state["best"] is not None:
         d.ema.shadow.load_state_dict(state["best"]["ema"])
         chosen = state["best"]["student_steps"]
-        print(f"{name}: exporting the EMA of step {chosen} (best validation selection score "
-              f"{state['best'].get('score', state['best']['val_fd']):.3f})", flush=True)
-    folder = save_model_folder(d.ema.shadow, run_dir / "model", ModelMeta(
-        shift=meta.shift, default_steps=4, provenance={"distilled_from": str(DEFAULT_TEACHER), "row": name,
-                                                       "cdm": cdm.to_dict(), "loop": loop.__dict__}))
+        print(
+            f"{name}: exporting the EMA of step {chosen} (best validation selection score "
+            f"{state['best'].get('score', state['best']['val_fd']):.3f})",
+            flush=True,
+        )
+    folder = save_model_folder(
+        d.ema.shadow,
+        run_dir / "model",
+        ModelMeta(
+            shift=meta.shift,
+            default_steps=4,
+            provenance={
+                "distilled_from": str(DEFAULT_TEACHER),
+                "row": name,
+                "cdm": cdm.to_dict(),
+                "loop": dataclasses.asdict(loop),
+            },
+        ),
+    )
     seeds = [int(s) for s in a.seeds.split(",")]
     res = _eval(folder, 4, 1.0, a.n_samples, seeds, out / "grids" / name, reference_steps=a.reference_steps)
-    row = _row(name, res, student_steps=d.step.student_steps, wall_s=round(state["train_s"], 1),
-               s_per_student_step=state["train_s"] / max(1, d.step.student_steps), cdm=cdm.to_dict(),
-               loop=loop.__dict__, val_curve=state["curve"], exported_student_steps=chosen,
-               selection=("best validation selection score (both judges + pixel panel, seed 100, N=500)"
-                          if a.keep_best else "last EMA"),
-               fixed_steps={str(c["student_steps"]): {k: c.get(f"val_{k}") for k in ("fd", "fd2", "near_white",
-                                                                                      "edge_energy")}
-                            for c in state["curve"] if c["student_steps"] in (100, 500, 1000)})
+    row = _row(
+        name,
+        res,
+        student_steps=d.step.student_steps,
+        wall_s=round(state["train_s"], 1),
+        s_per_student_step=state["train_s"] / max(1, d.step.student_steps),
+        cdm=cdm.to_dict(),
+        loop=dataclasses.asdict(loop),
+        val_curve=state["curve"],
+        exported_student_steps=chosen,
+        selection=(
+            "best validation selection score (both judges + pixel panel, seed 100, N=500)"
+            if a.keep_best
+            else "last EMA"
+        ),
+        fixed_steps={
+            str(c["student_steps"]): {k: c.get(f"val_{k}") for k in ("fd", "fd2", "near_white", "edge_energy")}
+            for c in state["curve"]
+            if c["student_steps"] in (100, 500, 1000)
+        },
+    )
     (out / "rows").mkdir(parents=True, exist_ok=True)
     (out / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     (run_dir / "train_log.json").write_text(json.dumps(state["log"]) + "\n")
@@ -214,9 +294,17 @@ def cmd_train(a) -> None:
 
 
 SEED_SUFFIX = "@s"  # a row trained with another training seed: <row>@s<seed> (e.g. cdm@s1)
-TABLE = [("fd", "FD j1 ↓", 2), ("precision", "prec j1 ↑", 3), ("recall", "rec j1 ↑", 3), ("fd2", "FD j2 ↓", 2),
-         ("precision2", "prec j2 ↑", 3), ("recall2", "rec j2 ↑", 3), ("adherence", "adh ↑", 3),
-         ("near_white", "near-white", 4), ("edge_energy", "edge energy", 4)]
+TABLE = [
+    ("fd", "FD j1 ↓", 2),
+    ("precision", "prec j1 ↑", 3),
+    ("recall", "rec j1 ↑", 3),
+    ("fd2", "FD j2 ↓", 2),
+    ("precision2", "prec j2 ↑", 3),
+    ("recall2", "rec j2 ↑", 3),
+    ("adherence", "adh ↑", 3),
+    ("near_white", "near-white", 4),
+    ("edge_energy", "edge energy", 4),
+]
 
 
 def _aggregate(group: list[dict]) -> dict:
@@ -244,42 +332,59 @@ def _aggregate(group: list[dict]) -> dict:
 
 
 def cmd_summarize(a) -> None:
-    from workflows.evaluation import pixel_reference
+    from workflows.pixel_reference import pixel_reference
 
     out = Path(a.out)
     found = sorted(p.stem for p in (out / "rows").glob("*.json"))
     names = [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]
     groups: dict[str, list[dict]] = {}
     for name in names:
-        groups.setdefault(name.split(SEED_SUFFIX)[0], []).append(json.loads((out / "rows" / f"{name}.json").read_text()))
+        groups.setdefault(name.split(SEED_SUFFIX)[0], []).append(
+            json.loads((out / "rows" / f"{name}.json").read_text())
+        )
     if not groups:
         raise SystemExit(f"no rows under {out / 'rows'}")
     rows = [_aggregate(g) for g in groups.values()]
     ref = pixel_reference()
     steps = max((r.get("student_steps") or 0) for r in rows)
-    res = {"machine": machine(), "command": a.command, "n_samples": a.n_samples, "student_steps": steps,
-           "real": {"near_white": ref.near_white, "near_black": ref.near_black, "edge_energy": ref.edge_energy},
-           "judges": {"fd": "workflows/assets/evaluator (cnn)", "fd2": "workflows/assets/judge2 (resnet)"},
-           "selection": "each distilled row exports the EMA of its best validation selection score "
-                        "(cdm_core.metrics.selection_score: both judges + pixel panel, validation seed 100, N=500); "
-                        "the table reports test seeds 0,1,2 only",
-           "rows": [{k: v for k, v in r.items() if k not in ("val_curve",)} for r in rows]}
+    res = {
+        "machine": machine(),
+        "command": a.command,
+        "n_samples": a.n_samples,
+        "student_steps": steps,
+        "real": {"near_white": ref.near_white, "near_black": ref.near_black, "edge_energy": ref.edge_energy},
+        "judges": {"fd": "workflows/assets/evaluator (cnn)", "fd2": "workflows/assets/judge2 (resnet)"},
+        "selection": "each distilled row exports the EMA of its best validation selection score "
+        "(cdm_core.metrics.selection_score: both judges + pixel panel, validation seed 100, N=500); "
+        "the table reports test seeds 0,1,2 only",
+        "rows": [{k: v for k, v in r.items() if k not in ("val_curve",)} for r in rows],
+    }
     (out / "ablation.json").write_text(json.dumps(res, indent=2) + "\n")
     f = lambda r, k, d=3: f"{r[k]['mean']:.{d}f} ± {r[k]['std']:.{d}f}" if k in r else "–"  # noqa: E731
-    lines = ["# Ablation: 4-step students distilled from the built-in teacher", "",
-             f"Machine: {res['machine']}. N = {a.n_samples} samples per evaluation seed, test seeds 0,1,2. Spread: "
-             "over training seeds where a row has several (its `train seeds` column), else over evaluation seeds. "
-             "j1 = the project's evaluator, j2 = the independent ResNet judge. "
-             f"Real test split: near-white {ref.near_white:.4f}, edge energy {ref.edge_energy:.4f}.", "",
-             f"Selection: {res['selection']}.", "", f"Command: `{a.command}`", "",
-             "| row | NFE | train seeds | steps (exported) | " + " | ".join(t for _, t, _ in TABLE) + " |",
-             "|---|---|---|---|" + "---|" * len(TABLE)]
+    lines = [
+        "# Ablation: 4-step students distilled from the built-in teacher",
+        "",
+        f"Machine: {res['machine']}. N = {a.n_samples} samples per evaluation seed, test seeds 0,1,2. Spread: "
+        "over training seeds where a row has several (its `train seeds` column), else over evaluation seeds. "
+        "j1 = the project's evaluator, j2 = the independent ResNet judge. "
+        f"Real test split: near-white {ref.near_white:.4f}, edge energy {ref.edge_energy:.4f}.",
+        "",
+        f"Selection: {res['selection']}.",
+        "",
+        f"Command: `{a.command}`",
+        "",
+        "| row | NFE | train seeds | steps (exported) | " + " | ".join(t for _, t, _ in TABLE) + " |",
+        "|---|---|---|---|" + "---|" * len(TABLE),
+    ]
     for r in rows:
         ex = r.get("exported_student_steps")
         ex = f" ({ex})" if ex is not None else ""
         seeds = ",".join(str(x) for x in r.get("train_seeds", [])) or "–"
-        lines.append(f"| {r['name']} | {r['nfe']} | {seeds} | {r.get('student_steps') or 0}{ex} | "
-                     + " | ".join(f(r, k, d) for k, _, d in TABLE) + " |")
+        lines.append(
+            f"| {r['name']} | {r['nfe']} | {seeds} | {r.get('student_steps') or 0}{ex} | "
+            + " | ".join(f(r, k, d) for k, _, d in TABLE)
+            + " |"
+        )
     (out / "ablation.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -294,8 +399,10 @@ def main() -> None:
         p.add_argument("--seeds", default="0,1,2")
     t = sub.choices["train"]
     t.add_argument("--row", required=True, choices=sorted(ROWS))
-    t.add_argument("--name", help="name of an extra row that runs --row's recipe with other hyperparameters "
-                   "(e.g. cdm-nmax4 with --n-max 4)")
+    t.add_argument(
+        "--name",
+        help="name of an extra row that runs --row's recipe with other hyperparameters (e.g. cdm-nmax4 with --n-max 4)",
+    )
     t.add_argument("--student-steps", type=int, default=600)
     t.add_argument("--batch-size", type=int, default=16)
     t.add_argument("--n-max", type=int, default=8)
@@ -305,23 +412,40 @@ def main() -> None:
     t.add_argument("--warmup", type=int, default=50)
     t.add_argument("--w-cdm", type=float, default=1.0, help="weight of the CDM loss term (spec: 1)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--cdm", action="append", default=[], metavar="KEY=VALUE",
-                   help="any CDMConfig field, e.g. --cdm norm_floor=0.01 --cdm fake_mix=0.5 (repeatable)")
+    t.add_argument(
+        "--cdm",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any CDMConfig field, e.g. --cdm norm_floor=0.01 --cdm fake_mix=0.5 (repeatable)",
+    )
     t.add_argument("--lr-decay", default="none", choices=["none", "cosine"])
     t.add_argument("--beta1", type=float, default=0.9, help="Adam's first-moment decay for student and fake")
     t.add_argument("--ema-decay", type=float, default=0.999)
     t.add_argument("--min-lr-ratio", type=float, default=0.0)
-    t.add_argument("--snapshots", action=argparse.BooleanOptionalAction, default=False,
-                   help="keep the EMA weights of every validation point under runs/<name>/snapshots")
+    t.add_argument(
+        "--snapshots",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="keep the EMA weights of every validation point under runs/<name>/snapshots",
+    )
     t.add_argument("--no-final-eval", action="store_true", help="stop after training (no test-seed evaluation)")
-    t.add_argument("--reference-steps", type=int, default=100,
-                   help="teacher steps of mse_to_teacher100 (0 = skip; its reference costs ~10 CPU min per seed)")
+    t.add_argument(
+        "--reference-steps",
+        type=int,
+        default=100,
+        help="teacher steps of mse_to_teacher100 (0 = skip; its reference costs ~10 CPU min per seed)",
+    )
     t.add_argument("--log-every", type=int, default=25)
     t.add_argument("--val-every", type=int, default=25)
     t.add_argument("--ckpt-every", type=int, default=50)
-    t.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=True,
-                   help="export the EMA with the best validation selection score (both judges and the pixel "
-                        "panel on validation seed 100), not the last one")
+    t.add_argument(
+        "--keep-best",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="export the EMA with the best validation selection score (both judges and the pixel "
+        "panel on validation seed 100), not the last one",
+    )
     sub.choices["summarize"].add_argument("--command", default="see benchmarks/ablation.py docstring")
     a = ap.parse_args()
     torch.set_num_threads(1)

@@ -20,11 +20,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 # the ablation recipe (benchmarks/ablation.py train defaults) every run is compared against
-_BASE_CDM = dict(schedule="dynamic", n_max=8, alpha=0.945, use_ca=True, use_dm=True, use_cdm=True, w_cdm=1.0,
-                 update_ratio=2, fake_blend=0.999, norm_floor=0.1, fake_mix=0.0, off_trajectory="velocity",
-                 target="local", seed=0)
-_BASE_LOOP = dict(batch_size=16, lr_student=2e-5, lr_fake=4e-5, fake_lr_ratio=2.0, warmup_steps=50, lr_decay="none", min_lr_ratio=0.0,
-                  betas=(0.9, 0.999), ema_decay=0.999)
+_BASE_CDM = dict(
+    schedule="dynamic",
+    n_max=8,
+    alpha=0.945,
+    use_ca=True,
+    use_dm=True,
+    use_cdm=True,
+    w_cdm=1.0,
+    update_ratio=2,
+    fake_blend=0.999,
+    norm_floor=0.1,
+    fake_mix=0.0,
+    off_trajectory="velocity",
+    target="local",
+    seed=0,
+)
+_BASE_LOOP = dict(
+    batch_size=16,
+    lr_student=2e-5,
+    lr_fake=4e-5,
+    fake_lr_ratio=2.0,
+    warmup_steps=50,
+    lr_decay="none",
+    min_lr_ratio=0.0,
+    betas=(0.9, 0.999),
+    ema_decay=0.999,
+)
+
+
+def _flat_loop(loop: dict) -> dict:
+    """A run's loop settings, flat: curve.json files before the OptimConfig split held lr_fake and betas."""
+    if "optim" in loop:
+        o = loop["optim"]
+        return {
+            **{k: v for k, v in loop.items() if k != "optim"},
+            **o,
+            "lr_fake": o["lr_student"] * o["fake_lr_ratio"],
+            "betas": (o["beta1"], o["beta2"]),
+        }
+    return {**loop, "fake_lr_ratio": round(loop["lr_fake"] / loop["lr_student"], 3)}
+
+
 KEYS = [("val_fd", "FD j1"), ("val_fd2", "FD j2"), ("val_near_white", "near-white"), ("val_edge_energy", "edge")]
 
 
@@ -67,14 +104,23 @@ def main() -> None:
     data = {r.name: json.loads((r / "curve.json").read_text()) for r in runs}
     base = {**_BASE_CDM, **_BASE_LOOP}
     for d in data.values():  # what each run changed against the ablation recipe
-        knobs = {**d["cdm"], **{k: v for k, v in d["loop"].items() if k != "student_steps"},
-                 "fake_lr_ratio": round(d["loop"]["lr_fake"] / d["loop"]["lr_student"], 3)}
-        d["note"] = ", ".join(f"{k}={v}" for k, v in knobs.items() if k in base and base[k] != v
-                              and not (isinstance(v, list) and tuple(v) == tuple(base[k]))) or "the ablation recipe"
-    lines = ["# Recipe runs: validation curves (seed 100, N = 500)", "",
-             "Each cell: FD judge 1 / FD judge 2 / near-white share / edge energy of the EMA student at that "
-             "student step. Real test split: near-white 0.0218, edge energy 0.0780.", ""]
-    for name, d in data.items():
+        knobs = {**d["cdm"], **{k: v for k, v in _flat_loop(d["loop"]).items() if k != "student_steps"}}
+        d["note"] = (
+            ", ".join(
+                f"{k}={v}"
+                for k, v in knobs.items()
+                if k in base and base[k] != v and not (isinstance(v, list) and tuple(v) == tuple(base[k]))
+            )
+            or "the ablation recipe"
+        )
+    lines = [
+        "# Recipe runs: validation curves (seed 100, N = 500)",
+        "",
+        "Each cell: FD judge 1 / FD judge 2 / near-white share / edge energy of the EMA student at that "
+        "student step. Real test split: near-white 0.0218, edge energy 0.0780.",
+        "",
+    ]
+    for d in data.values():
         best = min(d["curve"], key=lambda c: c.get("val_selection_score", c["val_fd"]))
         d["best_step"] = best["student_steps"]
         for k in ("val_fd", "val_fd2"):  # the stability criterion: rise of each curve above its own best
@@ -92,17 +138,31 @@ def main() -> None:
         cells = []
         for s in steps:
             c = at.get(s)
-            cells.append("–" if c is None else " / ".join(
-                (f"{c[k]:.2f}" if k.endswith("fd") or k.endswith("fd2") else f"{c[k]:.3f}") if k in c else "·"
-                for k, _ in KEYS))
+            cells.append(
+                "–"
+                if c is None
+                else " / ".join(
+                    (f"{c[k]:.2f}" if k.endswith("fd") or k.endswith("fd2") else f"{c[k]:.3f}") if k in c else "·"
+                    for k, _ in KEYS
+                )
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| run | knobs (vs the ablation recipe) | steps | best step (selection score) | FD j1: best step, "
-              "rise after it | FD j2: best step, rise after it |", "|---|---|---|---|---|---|"]
-    pct = lambda d, k: (f"{d[f'best_step_{k}']}, +{100 * d[f'rise_after_best_{k}']:.0f} %"  # noqa: E731
-                        if f"rise_after_best_{k}" in d else "–")
+    lines += [
+        "",
+        "| run | knobs (vs the ablation recipe) | steps | best step (selection score) | FD j1: best step, "
+        "rise after it | FD j2: best step, rise after it |",
+        "|---|---|---|---|---|---|",
+    ]
+    pct = lambda d, k: (
+        f"{d[f'best_step_{k}']}, +{100 * d[f'rise_after_best_{k}']:.0f} %"  # noqa: E731
+        if f"rise_after_best_{k}" in d
+        else "–"
+    )
     for name, d in data.items():
-        lines.append(f"| {name} | {d.get('note', '')} | {d['curve'][-1]['student_steps']} | {d['best_step']} | "
-                     f"{pct(d, 'val_fd')} | {pct(d, 'val_fd2')} |")
+        lines.append(
+            f"| {name} | {d.get('note', '')} | {d['curve'][-1]['student_steps']} | {d['best_step']} | "
+            f"{pct(d, 'val_fd')} | {pct(d, 'val_fd2')} |"
+        )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")

@@ -32,15 +32,27 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-PROMPTS = ["a photo of a sneaker", "a t-shirt", "a pair of trousers", "an ankle boot", "a handbag", "a dress",
-           "a coat", "a sandal", "a shirt", "a pullover"]
+PROMPTS = [
+    "a photo of a sneaker",
+    "a t-shirt",
+    "a pair of trousers",
+    "an ankle boot",
+    "a handbag",
+    "a dress",
+    "a coat",
+    "a sandal",
+    "a shirt",
+    "a pullover",
+]
 
 
 def machine() -> str:
     import torch
 
-    return (f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
-            f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    return (
+        f"{platform.node()}: {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    )
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -54,7 +66,8 @@ def inprocess(folder: str, batches: list[int], seconds: float) -> list[dict]:
     """The replica's own work (encode, padded 4-step sample, PNG, base64) without HTTP or Serve."""
     import torch
 
-    from serving.generator import Generator, Job, png_bytes
+    from serving.generator import Generator, Job
+    from workflows.images import png_bytes
 
     torch.set_num_threads(1)
     gen = Generator(folder)
@@ -112,13 +125,17 @@ async def _closed_loop(url: str, concurrency: int, duration: float, warmup: floa
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as session:
         await asyncio.gather(*(client(k, session) for k in range(concurrency)))
     ok = codes.get(200, 0)
-    return {"images_per_s": round(ok / duration, 2), "p50_ms": round(pct(lat, 50), 2),
-            "p95_ms": round(pct(lat, 95), 2), "p99_ms": round(pct(lat, 99), 2),
-            "errors_5xx": sum(v for k, v in codes.items() if 500 <= k < 600),
-            "errors_other": sum(v for k, v in codes.items() if k != 200 and not 500 <= k < 600),
-            "requests": sum(codes.values()),
-            "mean_batch": round(statistics.mean(batches), 2) if batches else None,
-            "mean_sample_ms": round(statistics.mean(sample_ms), 2) if sample_ms else None}
+    return {
+        "images_per_s": round(ok / duration, 2),
+        "p50_ms": round(pct(lat, 50), 2),
+        "p95_ms": round(pct(lat, 95), 2),
+        "p99_ms": round(pct(lat, 99), 2),
+        "errors_5xx": sum(v for k, v in codes.items() if 500 <= k < 600),
+        "errors_other": sum(v for k, v in codes.items() if k != 200 and not 500 <= k < 600),
+        "requests": sum(codes.values()),
+        "mean_batch": round(statistics.mean(batches), 2) if batches else None,
+        "mean_sample_ms": round(statistics.mean(sample_ms), 2) if sample_ms else None,
+    }
 
 
 def main() -> None:
@@ -129,8 +146,9 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=15.0)
     ap.add_argument("--warmup", type=float, default=3.0)
     ap.add_argument("--max-batch-size", type=int, default=32, help="batching-on max_batch_size")
-    ap.add_argument("--batch-wait", type=float, default=None, help="batching-on batch_wait_timeout_s "
-                    "(default: the config's)")
+    ap.add_argument(
+        "--batch-wait", type=float, default=None, help="batching-on batch_wait_timeout_s (default: the config's)"
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = ap.parse_args()
 
@@ -174,8 +192,10 @@ def main() -> None:
 
     rows = []
     for batching in (True, False):
-        dep["user_config"] = {"max_batch_size": a.max_batch_size if batching else 1,
-                              "batch_wait_timeout_s": wait if batching else 0.0}
+        dep["user_config"] = {
+            "max_batch_size": a.max_batch_size if batching else 1,
+            "batch_wait_timeout_s": wait if batching else 0.0,
+        }
         serve.run(application(args, [dep]), name="cdm", route_prefix="/", blocking=False)
         while serve.status().applications["cdm"].status != "RUNNING":
             time.sleep(0.5)
@@ -201,31 +221,59 @@ def main() -> None:
         "c32_throughput_fraction_of_inprocess": round(cmax["images_per_s"] / ceil_max["images_per_s"], 3),
         "zero_5xx": all(r["errors_5xx"] == 0 for r in rows),
     }
-    targets["met"] = bool(targets["c1_p50_over_inprocess"] <= 1.2 and targets["c32_throughput_fraction_of_inprocess"]
-                          >= 0.7 and targets["zero_5xx"])
-    out = {"machine": machine(), "command": "python " + " ".join(sys.argv), "model": args["model"],
-           "duration_s": a.duration, "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": wait, "rows": rows, "inprocess": ceiling,
-           "max_replicas_seen": max((n for _, n in replica_log), default=0), "replicas_over_time": replica_log,
-           "targets": targets}
+    targets["met"] = bool(
+        targets["c1_p50_over_inprocess"] <= 1.2
+        and targets["c32_throughput_fraction_of_inprocess"] >= 0.7
+        and targets["zero_5xx"]
+    )
+    out = {
+        "machine": machine(),
+        "command": "python " + " ".join(sys.argv),
+        "model": args["model"],
+        "duration_s": a.duration,
+        "max_batch_size": a.max_batch_size,
+        "batch_wait_timeout_s": wait,
+        "rows": rows,
+        "inprocess": ceiling,
+        "max_replicas_seen": max((n for _, n in replica_log), default=0),
+        "replicas_over_time": replica_log,
+        "targets": targets,
+    }
     od = Path(a.out)
     od.mkdir(parents=True, exist_ok=True)
     (od / "serving.json").write_text(json.dumps(out, indent=2) + "\n")
-    md = [f"# Serving load ({out['machine']})", "", f"`{out['command']}`; model `{out['model']}` at 4 steps; "
-          f"{a.duration:.0f} s per cell after {a.warmup:.0f} s warm-up; closed loop, OpenAI route, n=1.", "",
-          "| concurrency | batching | images/s | p50 ms | p95 ms | p99 ms | mean batch | sample ms/batch | 5xx | other |",
-          "|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"# Serving load ({out['machine']})",
+        "",
+        f"`{out['command']}`; model `{out['model']}` at 4 steps; "
+        f"{a.duration:.0f} s per cell after {a.warmup:.0f} s warm-up; closed loop, OpenAI route, n=1.",
+        "",
+        "| concurrency | batching | images/s | p50 ms | p95 ms | p99 ms | mean batch | sample ms/batch | 5xx | other |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        md.append(f"| {r['concurrency']} | {'on' if r['batching'] else 'off'} | {r['images_per_s']} | {r['p50_ms']} | "
-                  f"{r['p95_ms']} | {r['p99_ms']} | {r['mean_batch']} | {r['mean_sample_ms']} | {r['errors_5xx']} | "
-                  f"{r['errors_other']} |")
-    md += ["", "In-process ceiling (the replica's work: encode, 4-step sample, PNG, base64; no HTTP):", "",
-           "| batch | images/s | ms per call |", "|---|---|---|"]
+        md.append(
+            f"| {r['concurrency']} | {'on' if r['batching'] else 'off'} | {r['images_per_s']} | {r['p50_ms']} | "
+            f"{r['p95_ms']} | {r['p99_ms']} | {r['mean_batch']} | {r['mean_sample_ms']} | {r['errors_5xx']} | "
+            f"{r['errors_other']} |"
+        )
+    md += [
+        "",
+        "In-process ceiling (the replica's work: encode, 4-step sample, PNG, base64; no HTTP):",
+        "",
+        "| batch | images/s | ms per call |",
+        "|---|---|---|",
+    ]
     md += [f"| {r['batch']} | {r['images_per_s']} | {r['ms_per_call']} |" for r in ceiling]
-    md += ["", f"Max replicas seen: {out['max_replicas_seen']}.", "",
-           f"Targets: c=1 HTTP p50 / in-process batch 1 = {targets['c1_p50_over_inprocess']} (batching off: "
-           f"{targets['c1_p50_over_inprocess_batching_off']}; target <= 1.2); c={max(conc)} batching throughput / "
-           f"in-process batch {max(conc)} = {targets['c32_throughput_fraction_of_inprocess']} (target >= 0.7); "
-           f"zero 5xx: {targets['zero_5xx']}. All met: {targets['met']}."]
+    md += [
+        "",
+        f"Max replicas seen: {out['max_replicas_seen']}.",
+        "",
+        f"Targets: c=1 HTTP p50 / in-process batch 1 = {targets['c1_p50_over_inprocess']} (batching off: "
+        f"{targets['c1_p50_over_inprocess_batching_off']}; target <= 1.2); c={max(conc)} batching throughput / "
+        f"in-process batch {max(conc)} = {targets['c32_throughput_fraction_of_inprocess']} (target >= 0.7); "
+        f"zero 5xx: {targets['zero_5xx']}. All met: {targets['met']}.",
+    ]
     (od / "serving.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 

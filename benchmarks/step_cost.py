@@ -26,12 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from cdm_core.models.sd3 import SD3Velocity  # noqa: E402
-from cdm_core.reference_loop import LoopConfig, build_distiller, run_loop  # noqa: E402
+from cdm_core.distiller import build_distiller  # noqa: E402
+from cdm_core.optim import OptimConfig  # noqa: E402
+from cdm_core.reference_loop import LoopConfig, run_loop  # noqa: E402
 from cdm_core.step import CDMConfig  # noqa: E402
 from workflows.config import DEFAULT_TEACHER  # noqa: E402
 from workflows.embeddings import empty_prompt, encode_prompts  # noqa: E402
-from workflows.model_folder import load_transformer, read_meta  # noqa: E402
+from workflows.model_folder import load_model  # noqa: E402
 from workflows.prompts import train_prompts  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,18 +57,16 @@ def main() -> None:
     p.add_argument("--out", default=str(RESULTS))
     a = p.parse_args()
     torch.set_num_threads(1)
-    teacher = load_transformer(DEFAULT_TEACHER)
-    meta = read_meta(DEFAULT_TEACHER)
-    image_shape = (meta.channels, meta.image_size, meta.image_size)
+    image_shape = load_model(DEFAULT_TEACHER).shape
     prompts = encode_prompts([p for p, _ in train_prompts()])
     empty = empty_prompt()
     # run_loop stops on the callback below, never on its own step budget
-    loop = LoopConfig(batch_size=a.batch_size, student_steps=10**9, lr_student=5.9e-5, lr_fake=1.18e-4,
-                      warmup_steps=50)
+    loop = LoopConfig(a.batch_size, 10**9, OptimConfig(lr_student=5.9e-5, fake_lr_ratio=2.0, warmup_steps=50))
     runs = {}
     for name, (over, truncate) in variants([int(x) for x in a.n_max.split(",")]).items():
         cdm = CDMConfig(alpha=0.945, seed=0, **over)
-        d = build_distiller(load_transformer(DEFAULT_TEACHER), cdm, loop, SD3Velocity)
+        t = load_model(DEFAULT_TEACHER)
+        d = build_distiller(t.module, cdm, loop.optim, loop.student_steps, t.family.velocity)
         if not truncate:  # roll out all N levels whatever the deepest picked anchor is
             d.step.sync_depth = lambda deepest: 10**9
         runs[name] = {"d": d, "it": 0, "times": [], "nfe": [], "n": []}
@@ -84,7 +83,7 @@ def main() -> None:
             return done >= student_steps
 
         t0 = time.perf_counter()
-        r["it"] = run_loop(r["d"], prompts, empty, image_shape, r["it"], count)
+        r["it"] = run_loop(r["d"], loop, prompts, empty, image_shape, r["it"], count)
         return (time.perf_counter() - t0) / student_steps
 
     for name, r in runs.items():
@@ -93,43 +92,69 @@ def main() -> None:
         r["n"].clear()
         print(f"warmed up: {name}", flush=True)
     for k in range(a.rounds):
-        for name, r in runs.items():
+        for r in runs.values():
             r["times"].append(run(r, a.steps))
-        print(f"round {k + 1}/{a.rounds}: " + ", ".join(f"{n} {r['times'][-1]:.3f}s" for n, r in runs.items()),
-              flush=True)
+        print(
+            f"round {k + 1}/{a.rounds}: " + ", ".join(f"{n} {r['times'][-1]:.3f}s" for n, r in runs.items()), flush=True
+        )
 
     fixed = statistics.median(runs["fixed (dmd-fixed)"]["times"])
     rows = []
     for name, r in runs.items():
         med = statistics.median(r["times"])
-        rows.append({"name": name, "s_per_student_step": med, "spread": [min(r["times"]), max(r["times"])],
-                     "x_fixed": med / fixed, "mean_rollout_nfe": statistics.mean(r["nfe"]),
-                     "mean_n": statistics.mean(r["n"])})
+        rows.append(
+            {
+                "name": name,
+                "s_per_student_step": med,
+                "spread": [min(r["times"]), max(r["times"])],
+                "x_fixed": med / fixed,
+                "mean_rollout_nfe": statistics.mean(r["nfe"]),
+                "mean_n": statistics.mean(r["n"]),
+            }
+        )
     by = {r["name"]: r for r in rows}
     trunc = {}
     for n in a.n_max.split(","):
         t, f = by[f"cdm N_max={n}"], by[f"cdm N_max={n}, full rollout"]
-        trunc[n] = {"saved_fraction": 1 - t["s_per_student_step"] / f["s_per_student_step"],
-                    "rollout_nfe_truncated": t["mean_rollout_nfe"], "rollout_nfe_full": f["mean_rollout_nfe"]}
+        trunc[n] = {
+            "saved_fraction": 1 - t["s_per_student_step"] / f["s_per_student_step"],
+            "rollout_nfe_truncated": t["mean_rollout_nfe"],
+            "rollout_nfe_full": f["mean_rollout_nfe"],
+        }
     cmd = "OMP_NUM_THREADS=1 python benchmarks/step_cost.py " + " ".join(sys.argv[1:])
-    res = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}",
-           "command": cmd.strip(), "batch_size": a.batch_size, "steps_per_round": a.steps, "rounds": a.rounds,
-           "rows": rows, "truncation": trunc}
+    res = {
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread, torch {torch.__version__}",
+        "command": cmd.strip(),
+        "batch_size": a.batch_size,
+        "steps_per_round": a.steps,
+        "rounds": a.rounds,
+        "rows": rows,
+        "truncation": trunc,
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "step_cost.json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = ["# Cost of a student step: CDM vs fixed anchors, and rollout truncation", "",
-             f"Machine: {res['machine']}. Command: `{res['command']}`. Built-in teacher, batch {a.batch_size}, "
-             f"update ratio 2 (one student step = 2 fake steps + 2 rollouts + 1 student update); median of "
-             f"{a.rounds} interleaved rounds of {a.steps} student steps (min-max in brackets).", "",
-             "| variant | s / student step | × fixed | mean rollout NFE | mean N |", "|---|---|---|---|---|"]
+    lines = [
+        "# Cost of a student step: CDM vs fixed anchors, and rollout truncation",
+        "",
+        f"Machine: {res['machine']}. Command: `{res['command']}`. Built-in teacher, batch {a.batch_size}, "
+        f"update ratio 2 (one student step = 2 fake steps + 2 rollouts + 1 student update); median of "
+        f"{a.rounds} interleaved rounds of {a.steps} student steps (min-max in brackets).",
+        "",
+        "| variant | s / student step | × fixed | mean rollout NFE | mean N |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['s_per_student_step']:.3f} [{r['spread'][0]:.3f}-{r['spread'][1]:.3f}] | "
-                     f"{r['x_fixed']:.2f} | {r['mean_rollout_nfe']:.2f} | {r['mean_n']:.2f} |")
+        lines.append(
+            f"| {r['name']} | {r['s_per_student_step']:.3f} [{r['spread'][0]:.3f}-{r['spread'][1]:.3f}] | "
+            f"{r['x_fixed']:.2f} | {r['mean_rollout_nfe']:.2f} | {r['mean_n']:.2f} |"
+        )
     lines += ["", "Rollout truncation (stop at the deepest picked anchor instead of rolling out all N levels):", ""]
     for n, t in trunc.items():
-        lines.append(f"- N_max={n}: {100 * t['saved_fraction']:.0f}% of the step time saved; rollout NFE "
-                     f"{t['rollout_nfe_truncated']:.2f} vs {t['rollout_nfe_full']:.2f} per iteration.")
+        lines.append(
+            f"- N_max={n}: {100 * t['saved_fraction']:.0f}% of the step time saved; rollout NFE "
+            f"{t['rollout_nfe_truncated']:.2f} vs {t['rollout_nfe_full']:.2f} per iteration."
+        )
     (out / "step_cost.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -11,7 +11,8 @@ the same budget and worker count through ``cdm distill``'s code path. Both are s
 validation FD (seed 100, N=500, what the sweep optimises) at the last step, and the held-out test
 evaluation (seed 0, N=1000, ``evaluate_folder``) of the exported EMA student, which the sweep never sees.
 Each phase runs in a child process with its own Ray; the CPU time of that whole process tree (driver,
-GCS, raylet, trial drivers, Train workers) is recorded. Outputs: ``results/sweep.json``, ``results/sweep.md``, ``results/sweep_work/``.
+GCS, raylet, trial drivers, Train workers) is recorded. Outputs: ``results/sweep.json``, ``results/sweep.md``,
+``results/sweep_work/``.
 """
 
 from __future__ import annotations
@@ -33,15 +34,22 @@ RESULTS = REPO / "benchmarks" / "results"
 WORK = RESULTS / "sweep_work"  # small files only (tables, plots, per-phase json); checkpoints go to STORE
 STORE = REPO / "runs" / "bench-sweep"
 URI = f"sqlite:///{STORE / 'mlflow.db'}"
-SWEEP_SETS = [f"base.storage_path={STORE}", f"base.mlflow.tracking_uri={URI}",
-              "base.mlflow.registered_model=cdm-tiny-sweep", "base.eval.n_samples=1000", "base.eval.seeds=[0]"]
+SWEEP_SETS = [
+    f"base.storage_path={STORE}",
+    f"base.mlflow.tracking_uri={URI}",
+    "base.mlflow.registered_model=cdm-tiny-sweep",
+    "base.eval.n_samples=1000",
+    "base.eval.seeds=[0]",
+]
 
 
 def machine() -> str:
     import torch
 
-    return (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
+    return (
+        f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}"
+    )
 
 
 def default_overrides() -> list[str]:
@@ -49,11 +57,19 @@ def default_overrides() -> list[str]:
     from tuning.sweep_config import load_sweep
 
     sweep, base = load_sweep("sweep-tiny", SWEEP_SETS)
-    return [f"storage_path={STORE}", f"mlflow.tracking_uri={URI}", "mlflow.registered_model=cdm-tiny-default",
-            f"train.student_steps={base.train.student_steps}", f"train.checkpoint_every={sweep.validation.every}",
-            f"scaling.num_workers={base.scaling.num_workers}", f"eval.val_every={sweep.validation.every}",
-            f"eval.val_n_samples={sweep.validation.n_samples}", f"eval.val_seed={sweep.validation.seed}",
-            "eval.n_samples=1000", "eval.seeds=[0]"]
+    return [
+        f"storage_path={STORE}",
+        f"mlflow.tracking_uri={URI}",
+        "mlflow.registered_model=cdm-tiny-default",
+        f"train.student_steps={base.train.student_steps}",
+        f"train.checkpoint_every={sweep.validation.every}",
+        f"scaling.num_workers={base.scaling.num_workers}",
+        f"eval.val_every={sweep.validation.every}",
+        f"eval.val_n_samples={sweep.validation.n_samples}",
+        f"eval.val_seed={sweep.validation.seed}",
+        "eval.n_samples=1000",
+        "eval.seeds=[0]",
+    ]
 
 
 def phase_default() -> dict:
@@ -70,10 +86,20 @@ def phase_default() -> dict:
     metric = load_sweep("sweep-tiny")[0].metric  # compare like with like: the metric the sweep optimises
     hist = MlflowClient(URI).get_metric_history(s["run_id"], metric)
     curve = sorted({m.step: m.value for m in hist}.items())
-    return {"config": {"cdm.n_max": cfg.cdm.n_max, "cdm.alpha": cfg.cdm.alpha, "optim.lr_student": cfg.optim.lr_student,
-                       "optim.fake_lr_ratio": cfg.optim.fake_lr_ratio},
-            "metric": metric, "val": curve[-1][1], "val_curve": curve, "test": s["eval.fd"],
-            "test_metrics": {k: v for k, v in s.items() if k.startswith("eval.")}, "run_id": s["run_id"]}
+    return {
+        "config": {
+            "cdm.n_max": cfg.cdm.n_max,
+            "cdm.alpha": cfg.cdm.alpha,
+            "optim.lr_student": cfg.optim.lr_student,
+            "optim.fake_lr_ratio": cfg.optim.fake_lr_ratio,
+        },
+        "metric": metric,
+        "val": curve[-1][1],
+        "val_curve": curve,
+        "test": s["eval.fd"],
+        "test_metrics": {k: v for k, v in s.items() if k.startswith("eval.")},
+        "run_id": s["run_id"],
+    }
 
 
 def phase_sweep() -> dict:
@@ -130,8 +156,11 @@ def run_phase(name: str) -> dict:
     """The phase in a child process with its own Ray; CPU time of its whole process tree (``TreeCPU``)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, __file__, "--phase", name, "--inner"], cwd=REPO,
-                            env={k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")})
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--phase", name, "--inner"],
+        cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")},
+    )
     tree = TreeCPU(proc.pid)
     if proc.wait() != 0:
         tree.stop()
@@ -150,17 +179,36 @@ def run_phase(name: str) -> dict:
 def summarize() -> dict:
     d = json.loads((WORK / "default.json").read_text()) if (WORK / "default.json").exists() else None
     s = json.loads((WORK / "sweep.json").read_text()) if (WORK / "sweep.json").exists() else None
-    out = {"machine": machine(), "budget": budget_text(), "metric": "fd",
-           "command": "OMP_NUM_THREADS=1 python benchmarks/sweep.py"}
+    out = {
+        "machine": machine(),
+        "budget": budget_text(),
+        "metric": "fd",
+        "command": "OMP_NUM_THREADS=1 python benchmarks/sweep.py",
+    }
     if d:
-        out["default"] = {"config": d["config"], "val": d["val"], "test": d["test"], "cpu_s": d.get("cpu_s"),
-                          "wall_s": d.get("wall_s")}
+        out["default"] = {
+            "config": d["config"],
+            "val": d["val"],
+            "test": d["test"],
+            "cpu_s": d.get("cpu_s"),
+            "wall_s": d.get("wall_s"),
+        }
     if s:
-        out.update({"trials": s["trials"], "stopped_early": s["stopped_early"], "cpu_s": s.get("cpu_s"),
-                    "wall_s": s.get("wall_s"),
-                    "best": {"config": s["best"]["config"], "val": s["best"]["val"],
-                             "test": s["best"]["test"]["eval.fd"], "student_steps": s["best"]["student_steps"],
-                             "trial_id": s["best"]["trial_id"]}})
+        out.update(
+            {
+                "trials": s["trials"],
+                "stopped_early": s["stopped_early"],
+                "cpu_s": s.get("cpu_s"),
+                "wall_s": s.get("wall_s"),
+                "best": {
+                    "config": s["best"]["config"],
+                    "val": s["best"]["val"],
+                    "test": s["best"]["test"]["eval.fd"],
+                    "student_steps": s["best"]["student_steps"],
+                    "trial_id": s["best"]["trial_id"],
+                },
+            }
+        )
     if d and s:
         out["target_met"] = bool(out["best"]["val"] < d["val"] and out["best"]["test"] < d["test"])
     (RESULTS / "sweep.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -172,44 +220,66 @@ def budget_text() -> str:
     from tuning.sweep_config import load_sweep
 
     sw, base = load_sweep("sweep-tiny", SWEEP_SETS)
-    return (f"configs/sweep-tiny.yaml: {sw.searcher.kind} searcher (seed {sw.searcher.seed}), "
-            f"{sw.budget.num_samples or 8} trials, {sw.budget.max_concurrent_trials} at a time, "
-            f"{base.train.student_steps} student steps per trial at most ({base.scaling.num_workers} worker, batch "
-            f"{base.train.batch_size_per_worker}), validation FD every {sw.validation.every} steps on seed "
-            f"{sw.validation.seed} N={sw.validation.n_samples}, ASHA grace {sw.scheduler.grace_period} rounds, "
-            f"reduction factor {sw.scheduler.reduction_factor:g}; test: seed 0, N=1000, 4 NFE")
+    return (
+        f"configs/sweep-tiny.yaml: {sw.searcher.kind} searcher (seed {sw.searcher.seed}), "
+        f"{sw.budget.num_samples or 8} trials, {sw.budget.max_concurrent_trials} at a time, "
+        f"{base.train.student_steps} student steps per trial at most ({base.scaling.num_workers} worker, batch "
+        f"{base.train.batch_size_per_worker}), validation FD every {sw.validation.every} steps on seed "
+        f"{sw.validation.seed} N={sw.validation.n_samples}, ASHA grace {sw.scheduler.grace_period} rounds, "
+        f"reduction factor {sw.scheduler.reduction_factor:g}; test: seed 0, N=1000, 4 NFE"
+    )
 
 
 def markdown(o: dict) -> str:
-    lines = ["# Sweep: Ray Tune + ASHA over the tiny recipe vs the default preset", "",
-             f"Machine: {o['machine']}. Command: `{o['command']}`.", "", f"Budget: {o['budget']}.", ""]
+    lines = [
+        "# Sweep: Ray Tune + ASHA over the tiny recipe vs the default preset",
+        "",
+        f"Machine: {o['machine']}. Command: `{o['command']}`.",
+        "",
+        f"Budget: {o['budget']}.",
+        "",
+    ]
     if "default" in o and "best" in o:
         d, b = o["default"], o["best"]
         keys = list(b["config"])
-        lines += ["| recipe | " + " | ".join(keys) + " | val FD (seed 100, N=500) ↓ | test FD (seed 0, N=1000) ↓ |",
-                  "|---|" + "---|" * len(keys) + "---|---|",
-                  "| default preset (tiny) | " + " | ".join(f"{d['config'].get(k, '')}" for k in keys) +
-                  f" | {d['val']:.3f} | {d['test']:.3f} |",
-                  f"| sweep winner ({b['trial_id']}, step {b['student_steps']}) | " +
-                  " | ".join(f"{b['config'][k]:.4g}" if isinstance(b['config'][k], float) else str(b['config'][k])
-                             for k in keys) + f" | {b['val']:.3f} | {b['test']:.3f} |", ""]
-        lines += [f"Trials: {o['trials']}, stopped early by ASHA: {o['stopped_early']}. Sweep CPU time "
-                  f"{o['cpu_s']:.0f} s (wall {o['wall_s']:.0f} s); the default run: CPU {d['cpu_s']:.0f} s "
-                  f"(wall {d['wall_s']:.0f} s).", "",
-                  f"**Target (winner beats the default on validation and keeps the lead on test): "
-                  f"{'met' if o['target_met'] else 'not met'}** — val {b['val']:.3f} vs {d['val']:.3f}, "
-                  f"test {b['test']:.3f} vs {d['test']:.3f}.", ""]
-    lines += ["Per-trial table and plots (metric vs each parameter, learning curves): `sweep_work/report/`.", "",
-              "- CPU time is the user+system time of the phase's whole process tree (the driver, Ray's GCS and "
-              "raylet, trial drivers, Train workers), sampled every 0.5 s per process (`TreeCPU`); processes "
-              "that lived under 0.5 s are missed.",
-              "- The validation metric (seed 100) chose the winner; the test numbers (seed 0) were computed once, "
-              "after the sweep, for the winner and the default only. One test seed at N=1000: the ablation "
-              "table's seed-to-seed FD spread at this N is 0.1-0.4, so a 1.0 lead is outside that noise, "
-              "but this is one sweep with one searcher seed.",
-              "- Learning curves drift up after 20-40 steps for most recipes (as in the ablation); ASHA compares "
-              "trials at the same step, and the winner is the best *last* validation FD of its trial, exported "
-              "from the checkpoint that produced it.", ""]
+        lines += [
+            "| recipe | " + " | ".join(keys) + " | val FD (seed 100, N=500) ↓ | test FD (seed 0, N=1000) ↓ |",
+            "|---|" + "---|" * len(keys) + "---|---|",
+            "| default preset (tiny) | "
+            + " | ".join(f"{d['config'].get(k, '')}" for k in keys)
+            + f" | {d['val']:.3f} | {d['test']:.3f} |",
+            f"| sweep winner ({b['trial_id']}, step {b['student_steps']}) | "
+            + " | ".join(
+                f"{b['config'][k]:.4g}" if isinstance(b["config"][k], float) else str(b["config"][k]) for k in keys
+            )
+            + f" | {b['val']:.3f} | {b['test']:.3f} |",
+            "",
+        ]
+        lines += [
+            f"Trials: {o['trials']}, stopped early by ASHA: {o['stopped_early']}. Sweep CPU time "
+            f"{o['cpu_s']:.0f} s (wall {o['wall_s']:.0f} s); the default run: CPU {d['cpu_s']:.0f} s "
+            f"(wall {d['wall_s']:.0f} s).",
+            "",
+            f"**Target (winner beats the default on validation and keeps the lead on test): "
+            f"{'met' if o['target_met'] else 'not met'}** — val {b['val']:.3f} vs {d['val']:.3f}, "
+            f"test {b['test']:.3f} vs {d['test']:.3f}.",
+            "",
+        ]
+    lines += [
+        "Per-trial table and plots (metric vs each parameter, learning curves): `sweep_work/report/`.",
+        "",
+        "- CPU time is the user+system time of the phase's whole process tree (the driver, Ray's GCS and "
+        "raylet, trial drivers, Train workers), sampled every 0.5 s per process (`TreeCPU`); processes "
+        "that lived under 0.5 s are missed.",
+        "- The validation metric (seed 100) chose the winner; the test numbers (seed 0) were computed once, "
+        "after the sweep, for the winner and the default only. One test seed at N=1000: the ablation "
+        "table's seed-to-seed FD spread at this N is 0.1-0.4, so a 1.0 lead is outside that noise, "
+        "but this is one sweep with one searcher seed.",
+        "- Learning curves drift up after 20-40 steps for most recipes (as in the ablation); ASHA compares "
+        "trials at the same step, and the winner is the best *last* validation FD of its trial, exported "
+        "from the checkpoint that produced it.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -42,8 +42,10 @@ from workflows.evaluation import METRICS, evaluate_folder, folder_hash  # noqa: 
 def machine(device: str) -> str:
     if device.startswith("cuda"):
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
-    return (f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"{torch.get_num_threads()} thread(s) per process")
+    return (
+        f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s) per process"
+    )
 
 
 class TaskLog:
@@ -126,13 +128,30 @@ def main() -> None:
     seeds = [int(s) for s in a.seeds.split(",")]
     steps_list = [int(s) for s in a.steps.split(",")]
     grid = [1.0] + [float(x) for x in a.cfg_grid.split(",") if x.strip()]
-    key = {"teacher": folder_hash(a.teacher), "evaluator": folder_hash(a.evaluator), "n_samples": a.n_samples,
-           "seeds": seeds, "val_seed": a.val_seed, "device": a.device, "batch_size": a.batch_size}
+    key = {
+        "teacher": folder_hash(a.teacher),
+        "evaluator": folder_hash(a.evaluator),
+        "n_samples": a.n_samples,
+        "seeds": seeds,
+        "val_seed": a.val_seed,
+        "device": a.device,
+        "batch_size": a.batch_size,
+    }
     tasks = TaskLog(out / "teacher_rows.jsonl", key)
 
     def ev(steps: int, cfg: float, seeds_: list[int], grid_dir: Path | None, ref: int) -> dict:
-        c = build(EvalConfig, dict(steps=steps, guidance=cfg, n_samples=a.n_samples, seeds=seeds_,
-                                   batch_size=a.batch_size, reference_steps=ref, device=a.device))
+        c = build(
+            EvalConfig,
+            dict(
+                steps=steps,
+                guidance=cfg,
+                n_samples=a.n_samples,
+                seeds=seeds_,
+                batch_size=a.batch_size,
+                reference_steps=ref,
+                device=a.device,
+            ),
+        )
         return evaluate_folder(a.teacher, c, grid_dir, a.teacher, a.evaluator)
 
     def run(task: tuple) -> dict:
@@ -141,8 +160,14 @@ def main() -> None:
         if kind == "val":  # FD only: no reference needed
             return {"fd": ev(28, g, [a.val_seed], None, 0)["fd"]["mean"], "wall_s": round(time.time() - t, 1)}
         r = ev(steps, g, seeds, out / "teacher_grids" / f"steps{steps}_cfg{g}", 100)
-        return {"steps": steps, "cfg": g, "nfe": r["nfe"], **{k: r[k] for k in METRICS if k in r},
-                "s_per_image": r["s_per_image"], "wall_s": round(time.time() - t, 1)}
+        return {
+            "steps": steps,
+            "cfg": g,
+            "nfe": r["nfe"],
+            **{k: r[k] for k in METRICS if k in r},
+            "s_per_image": r["s_per_image"],
+            "wall_s": round(time.time() - t, 1),
+        }
 
     t0 = time.time()
     ref_task = ("row", 100, 1.0) if 100 in steps_list else None
@@ -150,8 +175,11 @@ def main() -> None:
         done = tasks.done()
         val_done = all(("val", None, g) in done for g in grid)
         best = min(grid, key=lambda g: done[("val", None, g)]["fd"]) if val_done else None
-        todo = ([ref_task] if ref_task else []) + [("val", None, g) for g in grid] + \
-               [("row", s, 1.0) for s in steps_list if s != 100]
+        todo = (
+            ([ref_task] if ref_task else [])
+            + [("val", None, g) for g in grid]
+            + [("row", s, 1.0) for s in steps_list if s != 100]
+        )
         if best is not None and best != 1.0:
             todo += [("row", s, best) for s in steps_list]
         todo = [t for t in todo if t not in done]
@@ -184,8 +212,12 @@ def main() -> None:
         "n_samples": a.n_samples,
         "seeds": seeds,
         "teacher": _shown(a.teacher),
-        "cfg_selection": {"val_seed": a.val_seed, "steps": 28, "fd_by_cfg": {str(k): v for k, v in val.items()},
-                          "best_cfg": best},
+        "cfg_selection": {
+            "val_seed": a.val_seed,
+            "steps": 28,
+            "fd_by_cfg": {str(k): v for k, v in val.items()},
+            "best_cfg": best,
+        },
         "rows": rows,
         "total_wall_s": round(time.time() - t0, 1),
         "compute_s": round(sum(e.get("wall_s", 0.0) for e in done.values()), 1),
@@ -204,9 +236,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        f = lambda k, d=3: f"{r[k]['mean']:.{d}f} ± {r[k]['std']:.{d}f}"  # noqa: E731
-        lines.append(f"| {r['steps']} | {r['cfg']} | {r['nfe']} | {f('fd', 2)} | {f('adherence')} | {f('precision')} | "
-                     f"{f('recall')} | {f('hf_gap', 4)} | {f('mse_to_teacher100', 4)} | {r['s_per_image'] or 0:.2e} |")
+        f = lambda k, d=3, r=r: f"{r[k]['mean']:.{d}f} ± {r[k]['std']:.{d}f}"  # noqa: E731
+        lines.append(
+            f"| {r['steps']} | {r['cfg']} | {r['nfe']} | {f('fd', 2)} | {f('adherence')} | {f('precision')} | "
+            f"{f('recall')} | {f('hf_gap', 4)} | {f('mse_to_teacher100', 4)} | {r['s_per_image'] or 0:.2e} |"
+        )
     (out / "teacher.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

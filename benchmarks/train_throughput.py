@@ -28,27 +28,33 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _overrides(steps: int, batch: int, root: Path, **extra) -> list[str]:
-    base = {"storage_path": str(root / "runs"), "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-            "train.student_steps": steps, "train.checkpoint_every": steps, "train.log_every": 1,
-            "train.sample_every": 10**6, "train.batch_size_per_worker": batch, "eval.n_samples": 20}
+    base = {
+        "storage_path": str(root / "runs"),
+        "mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+        "train.student_steps": steps,
+        "train.checkpoint_every": steps,
+        "train.log_every": 1,
+        "train.sample_every": 10**6,
+        "train.batch_size_per_worker": batch,
+        "eval.n_samples": 20,
+    }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 
 
 def plain(steps: int, warmup: int, batch: int) -> dict:
-    from cdm_core.models.sd3 import SD3Velocity
-    from cdm_core.reference_loop import LoopConfig, build_distiller, run_loop
+    from cdm_core.distiller import build_distiller
+    from cdm_core.reference_loop import LoopConfig, run_loop
     from workflows.config import DEFAULT_TEACHER, load_config
     from workflows.distill import load_prompts
     from workflows.distill_config import DistillConfig
     from workflows.embeddings import empty_prompt, encode_prompts
-    from workflows.model_folder import load_transformer
+    from workflows.model_folder import load_model
 
     cfg = load_config(DistillConfig, "tiny")
-    o = cfg.optim
-    loop = LoopConfig(batch_size=batch, student_steps=steps, lr_student=o.lr_student,
-                      lr_fake=o.lr_student * o.fake_lr_ratio, warmup_steps=o.warmup_steps)
-    d = build_distiller(load_transformer(DEFAULT_TEACHER), cfg.cdm.to_core(), loop, SD3Velocity)
+    loop = LoopConfig(batch, steps, cfg.optim.to_core())
+    t = load_model(DEFAULT_TEACHER)
+    d = build_distiller(t.module, cfg.cdm.to_core(), loop.optim, loop.student_steps, t.family.velocity)
     prompts = encode_prompts(load_prompts(cfg))
     marks: dict[int, float] = {}
 
@@ -56,31 +62,40 @@ def plain(steps: int, warmup: int, batch: int) -> dict:
         if res.student_updated:
             marks[d.step.student_steps] = time.time()
 
-    run_loop(d, prompts, empty_prompt(), (1, 32, 32), 0, cb)
-    return {"student_steps_per_s": (steps - warmup) / (marks[steps] - marks[warmup]),
-            "samples_per_s": (steps - warmup) * batch * cfg.cdm.update_ratio / (marks[steps] - marks[warmup])}
+    run_loop(d, loop, prompts, empty_prompt(), t.shape, 0, cb)
+    return {
+        "student_steps_per_s": (steps - warmup) / (marks[steps] - marks[warmup]),
+        "samples_per_s": (steps - warmup) * batch * cfg.cdm.update_ratio / (marks[steps] - marks[warmup]),
+    }
 
 
 def ray_row(steps: int, warmup: int, batch: int, workers: int, zero: int) -> dict:
     from mlflow.tracking import MlflowClient
 
     from workflows.config import load_config
-    from workflows.distill import job_key, run_distill
+    from workflows.distill import run_distill
     from workflows.distill_config import DistillConfig
 
     root = Path(tempfile.mkdtemp(prefix="cdm-tp-"))
-    cfg = load_config(DistillConfig, "tiny", _overrides(steps, batch, root, **{
-        "scaling.num_workers": workers, "deepspeed.zero_stage": zero}))
+    cfg = load_config(
+        DistillConfig,
+        "tiny",
+        _overrides(steps, batch, root, **{"scaling.num_workers": workers, "deepspeed.zero_stage": zero}),
+    )
     t0 = time.time()
     s = run_distill(cfg)
-    first = json.loads((root / "runs" / job_key(cfg) / "first_step.json").read_text())["time"]
     c = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    hist = {m.step: m.value for m in c.get_metric_history(s["run_id"], "throughput.student_steps_per_s")}
+    points = c.get_metric_history(s["run_id"], "throughput.student_steps_per_s")
+    first = min(m.timestamp for m in points if m.step == 1) / 1000  # measured at student step 1 (log_every 1)
+    hist = {m.step: m.value for m in points}
     rates = [hist[k] for k in sorted(hist) if k > warmup]
     # per-window rates -> steady-state rate = steps / total time of those windows
     sps = len(rates) / sum(1.0 / r for r in rates)
-    return {"student_steps_per_s": sps, "samples_per_s": sps * batch * workers * cfg.cdm.update_ratio,
-            "time_to_first_step_s": first - t0}
+    return {
+        "student_steps_per_s": sps,
+        "samples_per_s": sps * batch * workers * cfg.cdm.update_ratio,
+        "time_to_first_step_s": first - t0,
+    }
 
 
 def main() -> None:
@@ -89,16 +104,24 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(RESULTS))
-    ap.add_argument("--rows", default="plain,ray_1w_zero2,ray_2w_zero2,ray_2w_zero3",
-                    help="rows to (re)measure; the others are read from results/train_throughput_rows/")
+    ap.add_argument(
+        "--rows",
+        default="plain,ray_1w_zero2,ray_2w_zero2,ray_2w_zero3",
+        help="rows to (re)measure; the others are read from results/train_throughput_rows/",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     import ray
 
-    res = {"machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per worker, "
-                      f"torch {torch.__version__}",
-           "command": "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py " + " ".join(map(shlex.quote, sys.argv[1:])),
-           "student_steps": a.steps, "warmup_steps": a.warmup, "batch_per_worker": a.batch}
+    res = {
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per worker, "
+        f"torch {torch.__version__}",
+        "command": "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py "
+        + " ".join(map(shlex.quote, sys.argv[1:])),
+        "student_steps": a.steps,
+        "warmup_steps": a.warmup,
+        "batch_per_worker": a.batch,
+    }
     parts = Path(a.out) / "train_throughput_rows"
     parts.mkdir(parents=True, exist_ok=True)
     todo = a.rows.split(",")
@@ -120,15 +143,22 @@ def main() -> None:
     res["ratios"] = {k: res[k] / res["plain"] for k in ("ray_1w_zero2", "ray_2w_zero2", "ray_2w_zero3")}
     out = Path(a.out)
     (out / "train_throughput.json").write_text(json.dumps(res, indent=2) + "\n")
-    lines = ["# Training throughput: plain loop vs Ray Train + DeepSpeed", "",
-             f"Machine: {res['machine']}. Command: `{res['command']}`. Tiny job: built-in teacher, "
-             f"batch {a.batch} per worker, {a.steps} student steps, rates after the first {a.warmup}.", "",
-             "| row | student steps/s | samples/s | × plain (steps/s) | time to first step (s) |", "|---|---|---|---|---|",
-             f"| plain reference loop | {res['plain']:.3f} | {res['plain_detail']['samples_per_s']:.1f} | 1.00 | – |"]
+    lines = [
+        "# Training throughput: plain loop vs Ray Train + DeepSpeed",
+        "",
+        f"Machine: {res['machine']}. Command: `{res['command']}`. Tiny job: built-in teacher, "
+        f"batch {a.batch} per worker, {a.steps} student steps, rates after the first {a.warmup}.",
+        "",
+        "| row | student steps/s | samples/s | × plain (steps/s) | time to first step (s) |",
+        "|---|---|---|---|---|",
+        f"| plain reference loop | {res['plain']:.3f} | {res['plain_detail']['samples_per_s']:.1f} | 1.00 | – |",
+    ]
     for k in ("ray_1w_zero2", "ray_2w_zero2", "ray_2w_zero3"):
         d = res[f"{k}_detail"]
-        lines.append(f"| {k} | {d['student_steps_per_s']:.3f} | {d['samples_per_s']:.1f} | {res['ratios'][k]:.2f} | "
-                     f"{d['time_to_first_step_s']:.1f} |")
+        lines.append(
+            f"| {k} | {d['student_steps_per_s']:.3f} | {d['samples_per_s']:.1f} | {res['ratios'][k]:.2f} | "
+            f"{d['time_to_first_step_s']:.1f} |"
+        )
     (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -14,7 +14,7 @@ Times are tensors broadcastable against the batch: shape ``(B,)`` is expanded to
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -24,8 +24,11 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Identity() if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        self.shortcut = (
+            nn.Identity()
+            if stride == 1 and c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
@@ -40,9 +43,12 @@ class JudgeResNet(nn.Module):
         w = width
         self.stem = nn.Sequential(nn.Conv2d(channels, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU())
         self.stages = nn.Sequential(
-            BasicBlock(w, w, 1), BasicBlock(w, w, 1),
-            BasicBlock(w, 2 * w, 2), BasicBlock(2 * w, 2 * w, 1),  # 16x16
-            BasicBlock(2 * w, 4 * w, 2), BasicBlock(4 * w, 4 * w, 1),  # 8x8
+            BasicBlock(w, w, 1),
+            BasicBlock(w, w, 1),
+            BasicBlock(w, 2 * w, 2),
+            BasicBlock(2 * w, 2 * w, 1),  # 16x16
+            BasicBlock(2 * w, 4 * w, 2),
+            BasicBlock(4 * w, 4 * w, 1),  # 8x8
         )
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(4 * w, num_classes)

@@ -45,8 +45,9 @@ def _sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
-def matching_loss(x0_hat: torch.Tensor, delta: torch.Tensor, d_ref: torch.Tensor, tau: torch.Tensor,
-                  floor: float = NORM_FLOOR) -> LossResult:
+def matching_loss(
+    x0_hat: torch.Tensor, delta: torch.Tensor, d_ref: torch.Tensor, tau: torch.Tensor, floor: float = NORM_FLOOR
+) -> LossResult:
     """``mean_b mean_e (x0_hat - sg(a + nan_to_num(Delta / n)))^2``, ``n = max(mean|d_ref - a|, floor)``,
     ``a = sg(x0_hat)``.
 
@@ -61,8 +62,16 @@ def matching_loss(x0_hat: torch.Tensor, delta: torch.Tensor, d_ref: torch.Tensor
     return LossResult(loss, n.detach(), direction.pow(2).mean().sqrt().detach(), tau)
 
 
-def ca_loss(x0_hat: torch.Tensor, real: VelocityFn, cond: Cond, uncond: Cond, eps: torch.Tensor,
-            tau: torch.Tensor, alpha: float, floor: float = NORM_FLOOR) -> LossResult:
+def ca_loss(
+    x0_hat: torch.Tensor,
+    real: VelocityFn,
+    cond: Cond,
+    uncond: Cond,
+    eps: torch.Tensor,
+    tau: torch.Tensor,
+    alpha: float,
+    floor: float = NORM_FLOOR,
+) -> LossResult:
     """CFG augmentation. ``z = (1-tau) sg(x0_hat) + tau eps``; ``Dc = D_R(z, tau, c)``, ``Du = D_R(z, tau, empty)``;
     ``Delta = alpha (Dc - Du)``; ``n = max(mean|Dc - sg(x0_hat)|, floor)``.
 
@@ -79,8 +88,16 @@ def ca_loss(x0_hat: torch.Tensor, real: VelocityFn, cond: Cond, uncond: Cond, ep
     return matching_loss(x0_hat, delta, d_c, tau, floor=floor)
 
 
-def dm_loss(x0_hat: torch.Tensor, real: VelocityFn, fake: VelocityFn, cond: Cond, eps: torch.Tensor,
-            tau: torch.Tensor, z_base: torch.Tensor | None = None, floor: float = NORM_FLOOR) -> LossResult:
+def dm_loss(
+    x0_hat: torch.Tensor,
+    real: VelocityFn,
+    fake: VelocityFn,
+    cond: Cond,
+    eps: torch.Tensor,
+    tau: torch.Tensor,
+    z_base: torch.Tensor | None = None,
+    floor: float = NORM_FLOOR,
+) -> LossResult:
     """Distribution matching. ``z = (1-tau) b + tau eps`` with ``b = sg(x0_hat)`` (or ``z_base``);
     ``Delta = D_R(z, tau, c) - D_F(z, tau, c)`` (conditional only, no CFG; by Tweedie
     ``= -tau (v_R - v_F)``); ``n = max(mean|D_R - sg(x0_hat)|, floor)``; target ``sg(x0_hat + Delta / n)``.

@@ -106,9 +106,10 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 
 # --- the pixel panel: statistics of the images themselves, no network (what a feature judge can be blind to)
 
+
 def to_unit(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] -> [0, 1] (clamped), float64."""
-    return ((images.detach().to(torch.float64).clamp(-1, 1) + 1) / 2)
+    return (images.detach().to(torch.float64).clamp(-1, 1) + 1) / 2
 
 
 def _centre(x: torch.Tensor, crop: int | None) -> torch.Tensor:
@@ -147,8 +148,9 @@ def intensity_w1(a: torch.Tensor, b: torch.Tensor, crop: int | None = 28) -> flo
     return float((intensity_quantiles(a, crop) - intensity_quantiles(b, crop)).abs().mean())
 
 
-def class_means(images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10,
-                crop: int | None = 28) -> torch.Tensor:
+def class_means(
+    images: torch.Tensor, labels: torch.Tensor, num_classes: int = 10, crop: int | None = 28
+) -> torch.Tensor:
     """(num_classes,) mean intensity in [0, 1] of the images of each class (NaN for an empty class)."""
     x = _centre(to_unit(images), crop).flatten(1).mean(1)
     out = torch.full((num_classes,), float("nan"), dtype=torch.float64)
@@ -171,18 +173,33 @@ class PixelReference:
     quantiles: torch.Tensor
 
     @classmethod
-    def from_images(cls, images: torch.Tensor, labels: torch.Tensor) -> "PixelReference":
-        return cls(near_share(images, WHITE), near_share(images, BLACK, above=False), edge_energy(images),
-                   class_means(images, labels), intensity_quantiles(images))
+    def from_images(cls, images: torch.Tensor, labels: torch.Tensor) -> PixelReference:
+        return cls(
+            near_share(images, WHITE),
+            near_share(images, BLACK, above=False),
+            edge_energy(images),
+            class_means(images, labels),
+            intensity_quantiles(images),
+        )
 
     def to_dict(self) -> dict:
-        return {"near_white": self.near_white, "near_black": self.near_black, "edge_energy": self.edge_energy,
-                "class_means": self.class_means.tolist(), "quantiles": self.quantiles.tolist()}
+        return {
+            "near_white": self.near_white,
+            "near_black": self.near_black,
+            "edge_energy": self.edge_energy,
+            "class_means": self.class_means.tolist(),
+            "quantiles": self.quantiles.tolist(),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "PixelReference":
-        return cls(float(d["near_white"]), float(d["near_black"]), float(d["edge_energy"]),
-                   torch.tensor(d["class_means"], dtype=torch.float64), torch.tensor(d["quantiles"], dtype=torch.float64))
+    def from_dict(cls, d: dict) -> PixelReference:
+        return cls(
+            float(d["near_white"]),
+            float(d["near_black"]),
+            float(d["edge_energy"]),
+            torch.tensor(d["class_means"], dtype=torch.float64),
+            torch.tensor(d["quantiles"], dtype=torch.float64),
+        )
 
 
 WHITE, BLACK = 0.95, 0.05
@@ -213,6 +230,9 @@ def selection_score(fd: float, fd2: float, panel: dict[str, float], ref: PixelRe
     import math
 
     e = 1e-3
-    return (math.log(max(fd, 1e-9)) + math.log(max(fd2, 1e-9))
-            + abs(math.log((panel["near_white"] + e) / (ref.near_white + e)))
-            + abs(math.log(max(panel["edge_energy"], 1e-9) / ref.edge_energy)))
+    return (
+        math.log(max(fd, 1e-9))
+        + math.log(max(fd2, 1e-9))
+        + abs(math.log((panel["near_white"] + e) / (ref.near_white + e)))
+        + abs(math.log(max(panel["edge_energy"], 1e-9) / ref.edge_energy))
+    )

@@ -8,8 +8,8 @@ full rollout at a fraction of the cost.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -35,9 +35,15 @@ class Rollout:
 
 
 @torch.no_grad()
-def backward_simulation(student: VelocityFn, eps: torch.Tensor, sigmas: torch.Tensor, anchors: torch.Tensor,
-                        cond: Cond, need_final: bool = False,
-                        sync_depth: Callable[[int], int] | None = None) -> Rollout:
+def backward_simulation(
+    student: VelocityFn,
+    eps: torch.Tensor,
+    sigmas: torch.Tensor,
+    anchors: torch.Tensor,
+    cond: Cond,
+    need_final: bool = False,
+    sync_depth: Callable[[int], int] | None = None,
+) -> Rollout:
     """Roll out ``student`` from ``eps`` over ``sigmas`` (N+1,) and gather the states at ``anchors`` (B,).
 
     ``sync_depth`` maps this rank's deepest index to the one every rank uses (e.g. an all-reduce MAX):

@@ -1,8 +1,9 @@
-"""K-step Euler sampling with optional classifier-free guidance.
+"""K-step Euler sampling with optional classifier-free guidance: the one few-step sampler.
 
 ``x_{k+1} = x_k + (sigma_{k+1} - sigma_k) v(x_k, sigma_k)`` over explicit levels
 ``sigma_0 = 1 > sigma_1 > ... > sigma_K = 0`` (see :func:`cdm_core.schedule.inference_levels`).
-With guidance ``w != 1`` each step costs two NFE: ``v = v_u + w (v_c - v_u)``.
+With guidance ``w != 1`` each step costs two NFE: ``v = v_u + w (v_c - v_u)``. :func:`sample` derives the
+levels from (steps, shift); evaluation, validation, sample grids, ``cdm sample`` and serving all call it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 
 from cdm_core.conditioning import Cond
 from cdm_core.flow import VelocityFn, cfg_velocity, euler_step
+from cdm_core.schedule import inference_levels
 
 
 @torch.no_grad()
@@ -44,3 +46,16 @@ def sample_euler(
             v = v_fn(x, t, cond)
         x = euler_step(x, t, s, v)
     return x
+
+
+def sample(
+    v_fn: VelocityFn,
+    noise: torch.Tensor,
+    steps: int,
+    shift: float,
+    cond: Cond,
+    uncond: Cond | None = None,
+    guidance: float = 1.0,
+) -> torch.Tensor:
+    """``steps``-step Euler from ``noise`` over :func:`~cdm_core.schedule.inference_levels` ``(steps, shift)``."""
+    return sample_euler(v_fn, noise, inference_levels(steps, shift).to(noise.device), cond, uncond, guidance)

@@ -27,6 +27,15 @@ def inference_levels(steps: int, shift: float = 3.0, dtype: torch.dtype = torch.
     return torch.cat([sig, torch.zeros(1, dtype=torch.float64)]).to(dtype)
 
 
+def unshifted_levels(steps: int) -> list[float]:
+    """The K levels before the shift, ``[1 - k/K for k < K]`` (K=4: [1, .75, .5, .25]): what a diffusers
+    ``FlowMatchEulerDiscreteScheduler.set_timesteps(sigmas=...)`` takes to reproduce :func:`inference_levels`
+    (the scheduler applies its own shift)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return [1.0 - k / steps for k in range(steps)]
+
+
 @dataclass(frozen=True)
 class Schedule:
     """Anchor levels of one iteration: ``sigmas`` (N+1,) decreasing from 1 to a terminal 0.
@@ -39,13 +48,9 @@ class Schedule:
     kind: str
 
 
-def schedule_seed(seed: int, step: int) -> int:
-    """Integer seed of iteration ``step``, identical on every rank (so every rank draws the same N)."""
-    return (int(seed) * 1_000_003 + int(step) * 7_919 + 12_345) % (2**62)
-
-
-def dynamic_schedule(step_seed: int, n_max: int, s_min: float = 0.25, s_max: float = 0.95,
-                     shift: float = 3.0) -> Schedule:
+def dynamic_schedule(
+    step_seed: int, n_max: int, s_min: float = 0.25, s_max: float = 0.95, shift: float = 3.0
+) -> Schedule:
     """CDM's dynamic continuous schedule.
 
     ``N ~ U{1..n_max}``; ``s = [1] + sorted_desc(U(s_min, s_max) for N-1 draws)``; shift; append 0.

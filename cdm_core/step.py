@@ -9,17 +9,20 @@ the rollout's ``gaussian_base``: final | anchor); ``target`` local | final; ``n_
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from cdm_core.conditioning import Cond
 from cdm_core.ema import EMA
 from cdm_core.flow import VelocityFn, euler_step, interpolate, x0_from_velocity
+from cdm_core.knobs import knob
 from cdm_core.losses import ca_loss, dm_loss, fake_loss
 from cdm_core.rollout import backward_simulation
-from cdm_core.schedule import Schedule, dynamic_schedule, fixed_schedule, pick_anchors, schedule_seed
+from cdm_core.schedule import Schedule, dynamic_schedule, fixed_schedule, pick_anchors
+from cdm_core.seeds import rank_seed, schedule_seed
 from cdm_core.trainable import Trainable, blend_parameters
 
 
@@ -35,28 +38,40 @@ class CDMConfig:
     """
 
     schedule: Literal["dynamic", "fixed"] = "dynamic"
-    n_max: int = 28
-    s_min: float = 0.25
-    s_max: float = 0.95
-    shift: float = 3.0
-    fixed_steps: int = 4
+    n_max: int = knob(28, ge=1, le=1000)
+    s_min: float = knob(0.25, gt=0.0, lt=1.0)
+    s_max: float = knob(0.95, gt=0.0, lt=1.0)
+    shift: float = knob(3.0, gt=0.0, le=100.0, description="time shift of schedules and sampler levels")
+    fixed_steps: int = knob(4, ge=1, le=64, description="anchors of schedule=fixed (DMD2)")
+    sampler_steps: int = knob(
+        4, ge=1, le=64, description="K of the student's K-step sampler: validation, export, evaluation and serving"
+    )
     use_ca: bool = True
     use_dm: bool = True
     use_cdm: bool = True
-    w_ca: float = 1.0
-    w_dm: float = 1.0
-    w_cdm: float = 1.0
-    alpha: float = 7.0
+    w_ca: float = knob(1.0, ge=0.0, le=100.0)
+    w_dm: float = knob(1.0, ge=0.0, le=100.0)
+    w_cdm: float = knob(1.0, ge=0.0, le=100.0)
+    alpha: float = knob(7.0, ge=0.0, le=100.0, description="CFG-augmentation scale")
     off_trajectory: Literal["velocity", "gaussian"] = "velocity"
     target: Literal["local", "final"] = "local"
-    gaussian_base: Literal["final", "anchor"] = "final"
-    fake_mix: float = 0.0
-    tau_min: float = 0.02
-    tau_max: float = 0.98
-    norm_floor: float = 0.1
-    update_ratio: int = 2
-    fake_blend: float | None = 0.999
-    seed: int = 0
+    gaussian_base: Literal["final", "anchor"] = knob(
+        "final", description="what off_trajectory=gaussian re-noises: the rollout's final sample or the anchor's x0_hat"
+    )
+    fake_mix: float = knob(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of the fake teacher's batch taken from off-trajectory estimates (0 = authors' code)",
+    )
+    tau_min: float = knob(0.02, gt=0.0, lt=1.0)
+    tau_max: float = knob(0.98, gt=0.0, lt=1.0)
+    norm_floor: float = knob(
+        0.1, gt=0.0, le=10.0, description="floor of the DM/CA normaliser, in the data's units (0.1 for SD3 latents)"
+    )
+    update_ratio: int = knob(2, ge=1, le=100)
+    fake_blend: float | None = knob(0.999, ge=0.0, le=1.0)
+    seed: int = knob(0, ge=0)
 
     def __post_init__(self):
         if self.schedule not in ("dynamic", "fixed"):
@@ -71,10 +86,12 @@ class CDMConfig:
             raise ValueError(f"fake_mix must be in [0, 1], got {self.fake_mix}")
         if not self.norm_floor > 0.0:
             raise ValueError(f"norm_floor must be > 0, got {self.norm_floor}")
-        if self.n_max < 1 or self.update_ratio < 1 or self.fixed_steps < 1:
-            raise ValueError("n_max, update_ratio and fixed_steps must be >= 1")
+        if min(self.n_max, self.update_ratio, self.fixed_steps, self.sampler_steps) < 1:
+            raise ValueError("n_max, update_ratio, fixed_steps and sampler_steps must be >= 1")
+        if not 0.0 < self.s_min < self.s_max < 1.0:
+            raise ValueError(f"need 0 < s_min < s_max < 1, got s_min={self.s_min}, s_max={self.s_max}")
         if not 0.0 < self.tau_min < self.tau_max < 1.0:
-            raise ValueError("need 0 < tau_min < tau_max < 1")
+            raise ValueError(f"need 0 < tau_min < tau_max < 1, got tau_min={self.tau_min}, tau_max={self.tau_max}")
         if not (self.use_ca or self.use_dm or self.use_cdm):
             raise ValueError("at least one of use_ca, use_dm, use_cdm must be on")
         if self.alpha < 0:
@@ -84,15 +101,6 @@ class CDMConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def rank_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
-    """Per-(seed, rank, step) seed of one random stream (different on each rank, reproducible).
-
-    Streams: 0 = noise and noise levels, 1 = anchor indices, 2 = fake-mix draws. Each stream gets its own
-    integer, so two generators never replay the same sequence.
-    """
-    return (int(seed) * 1_000_003 + int(rank) * 999_983 + int(step) * 7_919 + int(stream) * 104_729 + 777) % (2**62)
 
 
 @dataclass
@@ -111,11 +119,18 @@ class CDMStep:
     (ZeRO-3) and must be gathered first.
     """
 
-    def __init__(self, cfg: CDMConfig, student: Trainable, fake: Trainable, real: VelocityFn,
-                 ema: EMA | None = None, rank: int = 0,
-                 blend: Callable[[Trainable, Trainable, float], None] | None = None,
-                 ema_update: Callable[[EMA, Trainable], None] | None = None,
-                 sync_depth: Callable[[int], int] | None = None):
+    def __init__(
+        self,
+        cfg: CDMConfig,
+        student: Trainable,
+        fake: Trainable,
+        real: VelocityFn,
+        ema: EMA | None = None,
+        rank: int = 0,
+        blend: Callable[[Trainable, Trainable, float], None] | None = None,
+        ema_update: Callable[[EMA, Trainable], None] | None = None,
+        sync_depth: Callable[[int], int] | None = None,
+    ):
         self.sync_depth = sync_depth
         self.cfg, self.student, self.fake, self.real, self.ema, self.rank = cfg, student, fake, real, ema, rank
         self.blend = blend or (lambda f, s, d: blend_parameters(f.parameters(), s.parameters(), d))
@@ -133,8 +148,15 @@ class CDMStep:
         hi = self.cfg.tau_max if hi is None else hi
         return lo + (hi - lo) * torch.rand(b, generator=g, device=device)
 
-    def __call__(self, iteration: int, cond: Cond, uncond: Cond, shape: tuple[int, ...],
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> StepResult:
+    def __call__(
+        self,
+        iteration: int,
+        cond: Cond,
+        uncond: Cond,
+        shape: tuple[int, ...],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> StepResult:
         c = self.cfg
         b = shape[0]
         g = torch.Generator(device=device).manual_seed(rank_seed(c.seed, self.rank, iteration))
@@ -142,12 +164,17 @@ class CDMStep:
         randn = lambda: torch.randn(shape, generator=g, device=device, dtype=dtype)  # noqa: E731
         sched = self.schedule(iteration)
         anchors = pick_anchors(sched, b, g_cpu)
-        need_final = c.use_cdm and (c.target == "final" or
-                                    (c.off_trajectory == "gaussian" and c.gaussian_base == "final"))
-        roll = backward_simulation(self.student.velocity, randn(), sched.sigmas, anchors, cond, need_final,
-                                   self.sync_depth)
-        m: dict[str, float] = {"schedule/n": float(sched.n), "schedule/t_mean": float(roll.t.mean()),
-                               "nfe/rollout": float(roll.nfe)}
+        need_final = c.use_cdm and (
+            c.target == "final" or (c.off_trajectory == "gaussian" and c.gaussian_base == "final")
+        )
+        roll = backward_simulation(
+            self.student.velocity, randn(), sched.sigmas, anchors, cond, need_final, self.sync_depth
+        )
+        m: dict[str, float] = {
+            "schedule/n": float(sched.n),
+            "schedule/t_mean": float(roll.t.mean()),
+            "nfe/rollout": float(roll.nfe),
+        }
 
         # fake teacher: denoise the student's current samples; then blend toward the student
         x0_fake = roll.x0_hat
@@ -191,8 +218,15 @@ class CDMStep:
                 total = total + c.w_ca * la.loss
                 m.update(la.log("ca"))
             if c.use_dm:
-                ld = dm_loss(x0_hat, self.real, self.fake.velocity, cond, randn(), self._uniform(b, g, device),
-                             floor=c.norm_floor)
+                ld = dm_loss(
+                    x0_hat,
+                    self.real,
+                    self.fake.velocity,
+                    cond,
+                    randn(),
+                    self._uniform(b, g, device),
+                    floor=c.norm_floor,
+                )
                 total = total + c.w_dm * ld.loss
                 m.update(ld.log("dm"))
         if c.use_cdm:
@@ -204,8 +238,16 @@ class CDMStep:
                 x_off = interpolate(base, randn(), t_off)
             x0_off = x0_from_velocity(x_off, t_off, self.student.velocity(x_off, t_off, cond))
             z_base = roll.final_x0_hat if c.target == "final" else None
-            lc = dm_loss(x0_off, self.real, self.fake.velocity, cond, randn(), self._uniform(b, g, device),
-                         z_base=z_base, floor=c.norm_floor)
+            lc = dm_loss(
+                x0_off,
+                self.real,
+                self.fake.velocity,
+                cond,
+                randn(),
+                self._uniform(b, g, device),
+                z_base=z_base,
+                floor=c.norm_floor,
+            )
             total = total + c.w_cdm * lc.loss
             m.update(lc.log("cdm"))
         r = self.student.apply(total)

@@ -8,9 +8,9 @@ and LoRA adapters in the same protocol, so the maths is the same object everywhe
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -35,14 +35,18 @@ class Trainable(Protocol):
 class TorchTrainable:
     """A module + torch optimizer (+ optional LR scheduler) behind the :class:`Trainable` protocol.
 
-    ``velocity_of`` turns the module into ``v(x_t, t, cond)`` (e.g. ``cdm_core.models.SD3Velocity``).
-    ``apply``: backward; gradients with NaN/inf are zeroed by ``nan_to_num``, and if the total norm is
-    still non-finite the step is skipped; clip to ``max_grad_norm``; step; zero grads.
+    ``velocity_of`` turns the module into ``v(x_t, t, cond)`` (a family adapter's ``velocity``).
+    ``apply``: the non-finite guard (:func:`guard_loss`), backward, clip to ``max_grad_norm``, step, zero grads.
     """
 
-    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 velocity_of: Callable[[torch.nn.Module], Callable], max_grad_norm: float = 1.0,
-                 lr_scheduler=None):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        velocity_of: Callable[[torch.nn.Module], Callable],
+        max_grad_norm: float = 1.0,
+        lr_scheduler=None,
+    ):
         self.module = module
         self.optimizer = optimizer
         self.lr_scheduler = lr_scheduler
@@ -56,20 +60,13 @@ class TorchTrainable:
         return self.module.parameters()
 
     def apply(self, loss: torch.Tensor) -> ApplyResult:
+        loss, skipped = guard_loss(loss, self.module.parameters())
         loss.backward()
         params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, float("inf")) if params else torch.tensor(0.0)
-        skipped = not bool(torch.isfinite(norm))
-        if skipped:
-            for p in params:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-            norm = torch.nn.utils.clip_grad_norm_(params, float("inf"))
-            skipped = not bool(torch.isfinite(norm))
-        if not skipped:
-            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-            self.optimizer.step()
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm) if params else torch.tensor(0.0)
+        self.optimizer.step()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return ApplyResult(float(norm), skipped)
 
@@ -86,32 +83,30 @@ class TorchTrainable:
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
 
 
+def guard_loss(
+    loss: torch.Tensor,
+    params: Iterable[torch.nn.Parameter],
+    all_ranks_min: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, bool]:
+    """The non-finite guard, with one meaning in every trainable.
+
+    When the loss is NaN/inf (on any rank: ``all_ranks_min`` reduces the 0/1 flag across ranks), every rank
+    backpropagates ``sum(0 * p)`` over its parameters instead: finite zero gradients through the same
+    parameters, so all ranks run the same gradient collectives and nothing is learnt from the bad batch. The
+    optimizer and LR schedule still step (Adam's moments decay, the step count stays aligned across ranks);
+    the result says ``skipped``. Returns (loss to backpropagate, skipped).
+    """
+    ok = torch.isfinite(loss.detach()).float().reshape(1)
+    if all_ranks_min is not None:
+        ok = all_ranks_min(ok)
+    if bool(ok.item() >= 1):
+        return loss, False
+    zero = sum((p * 0.0).sum() for p in params if p.requires_grad)
+    return (zero if isinstance(zero, torch.Tensor) else loss.detach() * 0.0), True
+
+
 @torch.no_grad()
 def blend_parameters(target: Iterable[torch.nn.Parameter], source: Iterable[torch.nn.Parameter], decay: float) -> None:
     """``target <- decay * target + (1 - decay) * source`` (the fake -> student blend)."""
     for p_t, p_s in zip(target, source):
         p_t.lerp_(p_s.detach().to(p_t.dtype), 1.0 - decay)
-
-
-def lr_factor(k: int, warmup_steps: int, total_steps: int | None = None, decay: str = "none",
-              min_ratio: float = 0.0) -> float:
-    """Multiplier of the base lr at optimizer step ``k``: linear warm-up ``(k+1)/warmup``, then constant
-    (``decay="none"``) or a cosine from 1 down to ``min_ratio`` at ``total_steps`` (``decay="cosine"``)."""
-    if decay not in ("none", "cosine"):
-        raise ValueError(f"lr decay must be none or cosine, got {decay!r}")
-    w = max(1, warmup_steps)
-    if k + 1 < w:
-        return (k + 1) / w
-    if decay == "none" or not total_steps or total_steps <= w:
-        return 1.0
-    p = min(1.0, (k + 1 - w) / (total_steps - w))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p))
-
-
-def warmup_adamw(module: torch.nn.Module, lr: float, betas=(0.9, 0.999), weight_decay: float = 1e-4,
-                 warmup_steps: int = 100, total_steps: int | None = None, decay: str = "none",
-                 min_ratio: float = 0.0) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with linear warm-up (and optionally cosine decay), as the spec's student and fake optimizers."""
-    opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=betas, weight_decay=weight_decay)
-    return opt, torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda k: lr_factor(k, warmup_steps, total_steps, decay, min_ratio))

@@ -1,1 +1,2 @@
-"""Ray Serve deployment of distilled students (arrives with the serving issue)."""
+"""Ray Serve deployment of distilled students: the OpenAI Images route and a native route, autoscaling
+replicas with dynamic batching, model sources from MLflow aliases, versions or folders."""

@@ -27,15 +27,18 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import BatchingConfig, ServeArgs
-from serving.generator import Generator, Job, grid, png_bytes
-from serving.schemas import (BadRequest, GenerateRequest, ImagesRequest, check_n, check_prompts, check_size,
-                             check_steps)
+from serving.generator import Generator, Job
+from serving.schemas import BadRequest, GenerateRequest, ImagesRequest, check_n, check_prompts, check_size, check_steps
+from workflows.images import grid, png_bytes
 
 logger = logging.getLogger("ray.serve")
 MAX_BODY_BYTES = 1 << 20
 
-api = FastAPI(title="CDM image service", version="1",
-              description="4-step CDM students behind Ray Serve: an OpenAI Images route and a native route.")
+api = FastAPI(
+    title="CDM image service",
+    version="1",
+    description="4-step CDM students behind Ray Serve: an OpenAI Images route and a native route.",
+)
 
 
 def _error(status: int, message: str, param: str | None, code: str, kind: str = "invalid_request_error"):
@@ -86,9 +89,14 @@ async def _limits_and_headers(request: Request, call_next):
     return response
 
 
-@serve.deployment(name="ImageService", max_ongoing_requests=32, max_queued_requests=64,
-                  user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
-                  health_check_period_s=5, ray_actor_options={"num_cpus": 1})
+@serve.deployment(
+    name="ImageService",
+    max_ongoing_requests=32,
+    max_queued_requests=64,
+    user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.0},
+    health_check_period_s=5,
+    ray_actor_options={"num_cpus": 1},
+)
 @serve.ingress(api)
 class ImageService:
     def __init__(self, args: dict):
@@ -101,13 +109,20 @@ class ImageService:
         self.served = resolve(self.args.model, self.args.tracking_uri, self.args.cache_dir)
         self.gen = Generator(self.served.folder, self.args.min_forward_batch)
         if self.args.default_steps not in self.args.allowed_steps:
-            raise ValueError(f"default_steps {self.args.default_steps} is not in allowed_steps {self.args.allowed_steps}")
+            raise ValueError(
+                f"default_steps {self.args.default_steps} is not in allowed_steps {self.args.allowed_steps}"
+            )
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         ctx = serve.get_replica_context()
         from serving import replica_state
 
-        replica_state.identity.update({"X-CDM-Model": self.served.name, "X-CDM-Model-Version": self.served.version,
-                          "X-CDM-Replica": ctx.replica_id.unique_id})
+        replica_state.identity.update(
+            {
+                "X-CDM-Model": self.served.name,
+                "X-CDM-Model-Version": self.served.version,
+                "X-CDM-Replica": ctx.replica_id.unique_id,
+            }
+        )
         where = self.args.public_url or f"ray-serve app '{ctx.app_name}'"
         try:
             record_serving(self.served, self.args.app_name, where)
@@ -134,8 +149,12 @@ class ImageService:
 
     async def _run(self, job: Job):
         images, batch, ms = await self._batched(job)
-        return images, {"X-CDM-Seed": str(job.seed), "X-CDM-Batch-Size": str(batch), "X-CDM-Steps": str(job.steps),
-                        "Server-Timing": f"sample;dur={ms:.1f}"}
+        return images, {
+            "X-CDM-Seed": str(job.seed),
+            "X-CDM-Batch-Size": str(batch),
+            "X-CDM-Steps": str(job.steps),
+            "Server-Timing": f"sample;dur={ms:.1f}",
+        }
 
     def _check_model(self, name: str | None) -> None:
         s = self.served
@@ -143,8 +162,12 @@ class ImageService:
         if s.alias:
             ok |= {f"{s.name}@{s.alias}", f"models:/{s.name}@{s.alias}"}
         if name is not None and name not in ok:
-            raise BadRequest("model", f"model: {name!r} is not served here; this service serves {s.name!r}",
-                             status=404, code="model_not_found")
+            raise BadRequest(
+                "model",
+                f"model: {name!r} is not served here; this service serves {s.name!r}",
+                status=404,
+                code="model_not_found",
+            )
 
     @api.post("/v1/images/generations", summary="OpenAI Images API: generate images from a prompt")
     async def images(self, body: ImagesRequest = Body(...)):
@@ -157,8 +180,11 @@ class ImageService:
         data = [{"b64_json": base64.b64encode(png_bytes(im, size)).decode(), "revised_prompt": None} for im in images]
         return JSONResponse({"created": int(time.time()), "data": data}, headers=headers)
 
-    @api.post("/generate", summary="Native: one or many prompts, seed, steps; PNG or JSON",
-              responses={200: {"content": {"image/png": {}, "application/json": {}}}})
+    @api.post(
+        "/generate",
+        summary="Native: one or many prompts, seed, steps; PNG or JSON",
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+    )
     async def generate(self, body: GenerateRequest = Body(...)):
         prompts = check_prompts([body.prompt] if isinstance(body.prompt, str) else list(body.prompt), self.args)
         n = check_n(body.n, len(prompts), self.args)
@@ -168,24 +194,46 @@ class ImageService:
         if body.format == "png":
             img = images[0] if len(images) == 1 else grid(images, n)
             return Response(png_bytes(img), media_type="image/png", headers=headers)
-        out = [{"prompt": prompts[i // n], "index": i % n, "seed": seed + i // n,
-                "b64_png": base64.b64encode(png_bytes(im)).decode()} for i, im in enumerate(images)]
-        return JSONResponse({"model": self.served.name, "version": self.served.version, "seed": seed,
-                             "steps": steps, "images": out}, headers=headers)
+        out = [
+            {
+                "prompt": prompts[i // n],
+                "index": i % n,
+                "seed": seed + i // n,
+                "b64_png": base64.b64encode(png_bytes(im)).decode(),
+            }
+            for i, im in enumerate(images)
+        ]
+        return JSONResponse(
+            {"model": self.served.name, "version": self.served.version, "seed": seed, "steps": steps, "images": out},
+            headers=headers,
+        )
 
     @api.get("/v1/models", summary="What is served: registry name, version, alias, run id, teacher")
     async def models(self):
         s = self.served
-        entry = {"id": s.name, "object": "model", "created": int(os.path.getmtime(s.folder)), "owned_by": "cdm",
-                 **s.public(), "default_steps": self.args.default_steps, "allowed_steps": self.args.allowed_steps,
-                 "image_size": self.gen.meta.image_size}
+        entry = {
+            "id": s.name,
+            "object": "model",
+            "created": int(os.path.getmtime(s.folder)),
+            "owned_by": "cdm",
+            **s.public(),
+            "default_steps": self.args.default_steps,
+            "allowed_steps": self.args.allowed_steps,
+            "image_size": self.gen.meta.image_size,
+        }
         return {"object": "list", "data": [entry]}
 
     @api.get("/healthz", summary="Liveness of this replica")
     async def healthz(self):
         recent = list(self.batch_sizes)[-100:]
-        return {"status": "ok", "model": self.served.name, "version": self.served.version, "pid": os.getpid(),
-                "max_batch_size": self.batching.max_batch_size, "recent_batch_sizes": recent}
+        return {
+            "status": "ok",
+            "model": self.served.name,
+            "version": self.served.version,
+            "pid": os.getpid(),
+            "max_batch_size": self.batching.max_batch_size,
+            "recent_batch_sizes": recent,
+        }
 
     def check_health(self) -> None:
         if self.gen is None:

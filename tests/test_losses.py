@@ -159,5 +159,7 @@ def test_normaliser_floor_is_configurable():
     x0, _, tau = _x0_eps_tau()
     d_ref = x0 + 0.02
     assert torch.all(matching_loss(x0.clone(), torch.ones_like(x0), d_ref, tau).normalizer == 0.1)
-    torch.testing.assert_close(matching_loss(x0.clone(), torch.ones_like(x0), d_ref, tau, floor=0.001).normalizer,
-                               torch.full((B,), 0.02, dtype=D))
+    torch.testing.assert_close(
+        matching_loss(x0.clone(), torch.ones_like(x0), d_ref, tau, floor=0.001).normalizer,
+        torch.full((B,), 0.02, dtype=D),
+    )

@@ -4,7 +4,8 @@ import torch
 
 from cdm_core import flow
 from cdm_core.rollout import backward_simulation
-from cdm_core.schedule import dynamic_schedule, fixed_schedule, pick_anchors, schedule_seed
+from cdm_core.schedule import dynamic_schedule, fixed_schedule, pick_anchors
+from cdm_core.seeds import schedule_seed
 
 
 def test_dynamic_schedule_distribution():

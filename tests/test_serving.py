@@ -40,8 +40,9 @@ def registry(tmp_path_factory):
     c.log_artifacts(run.info.run_id, str(DEFAULT_TEACHER), "student")
     c.set_terminated(run.info.run_id)
     c.create_registered_model(NAME)
-    mv = c.create_model_version(NAME, f"{run.info.artifact_uri}/student", run_id=run.info.run_id,
-                                tags={"cdm.teacher": str(DEFAULT_TEACHER)})
+    mv = c.create_model_version(
+        NAME, f"{run.info.artifact_uri}/student", run_id=run.info.run_id, tags={"cdm.teacher": str(DEFAULT_TEACHER)}
+    )
     c.set_registered_model_alias(NAME, "champion", mv.version)
     return {"uri": uri, "client": c, "version": str(mv.version), "run_id": run.info.run_id, "cache": str(d / "cache")}
 
@@ -55,14 +56,21 @@ def service(ray_cluster, registry):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = resolve_args({"cache_dir": registry["cache"], "app_name": APP}, f"models:/{NAME}@champion",
-                        registry["uri"], url)
+    args = resolve_args(
+        {"cache_dir": registry["cache"], "app_name": APP}, f"models:/{NAME}@champion", registry["uri"], url
+    )
 
     def deploy(**opts):
-        base = {"name": "ImageService", "num_replicas": 1, "max_ongoing_requests": 16, "max_queued_requests": 32,
-                "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
-                "ray_actor_options": {"num_cpus": 0.5},
-                "graceful_shutdown_timeout_s": 2, "graceful_shutdown_wait_loop_s": 0.5}
+        base = {
+            "name": "ImageService",
+            "num_replicas": 1,
+            "max_ongoing_requests": 16,
+            "max_queued_requests": 32,
+            "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
+            "ray_actor_options": {"num_cpus": 0.5},
+            "graceful_shutdown_timeout_s": 2,
+            "graceful_shutdown_wait_loop_s": 0.5,
+        }
         base.update(opts)
         if base.get("autoscaling_config"):
             base.pop("num_replicas")
@@ -111,15 +119,19 @@ def test_routes_and_lineage(service, registry):
     assert models["run_id"] == registry["run_id"] and models["teacher"]
     assert "/v1/images/generations" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
 
-    r = requests.post(f"{url}/v1/images/generations", json={"prompt": "a photo of a sneaker", "n": 3,
-                                                            "size": "64x64", "seed": 1}, timeout=60)
+    r = requests.post(
+        f"{url}/v1/images/generations",
+        json={"prompt": "a photo of a sneaker", "n": 3, "size": "64x64", "seed": 1},
+        timeout=60,
+    )
     assert r.status_code == 200, r.text
     assert r.headers["X-CDM-Model-Version"] == registry["version"]
     data = r.json()["data"]
     assert len(data) == 3 and _png(data[0]["b64_json"]).size == (64, 64)
 
-    g = requests.post(f"{url}/generate", json={"prompt": ["a bag", "a dress"], "n": 2, "steps": 2, "seed": 5},
-                      timeout=60)
+    g = requests.post(
+        f"{url}/generate", json={"prompt": ["a bag", "a dress"], "n": 2, "steps": 2, "seed": 5}, timeout=60
+    )
     assert g.status_code == 200 and g.headers["X-CDM-Steps"] == "2"
     imgs = g.json()["images"]
     assert [i["prompt"] for i in imgs] == ["a bag", "a bag", "a dress", "a dress"]
@@ -137,8 +149,9 @@ def test_openai_client_works_unchanged(service):
 
     _, url = service
     client = OpenAI(base_url=f"{url}/v1", api_key="unused")
-    res = client.images.generate(model=NAME, prompt="a photo of a sandal", n=2, size="256x256",
-                                 response_format="b64_json")
+    res = client.images.generate(
+        model=NAME, prompt="a photo of a sandal", n=2, size="256x256", response_format="b64_json"
+    )
     assert len(res.data) == 2 and _png(res.data[0].b64_json).size == (256, 256)
 
 
@@ -162,8 +175,11 @@ def test_seeds_reproduce_bytes_alone_and_batched(service):
 def test_concurrent_requests_are_batched(service):
     _, url = service
     with ThreadPoolExecutor(16) as ex:
-        rs = list(ex.map(lambda i: requests.post(f"{url}/generate", json={"prompt": "a coat", "seed": i},
-                                                 timeout=120), range(32)))
+        rs = list(
+            ex.map(
+                lambda i: requests.post(f"{url}/generate", json={"prompt": "a coat", "seed": i}, timeout=120), range(32)
+            )
+        )
     assert {r.status_code for r in rs} == {200}
     sizes = [int(r.headers["X-CDM-Batch-Size"]) for r in rs]
     assert max(sizes) > 1, sizes
@@ -205,17 +221,20 @@ def test_malformed_json_and_oversized_body(service):
     _, url = service
     r = requests.post(f"{url}/generate", data=b"{not json", headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
-    r = requests.post(f"{url}/generate", data=b"x" * (2 << 20), headers={"content-type": "application/json"},
-                      timeout=30)
+    r = requests.post(
+        f"{url}/generate", data=b"x" * (2 << 20), headers={"content-type": "application/json"}, timeout=30
+    )
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
 
 
 def test_flood_beyond_the_queue_gets_503_then_service_recovers(service):
     deploy, url = service
-    deploy(max_ongoing_requests=1, max_queued_requests=2, user_config={"max_batch_size": 1,
-                                                                     "batch_wait_timeout_s": 0.0})
+    deploy(
+        max_ongoing_requests=1, max_queued_requests=2, user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    )
     try:
+
         def call(i):
             return requests.post(f"{url}/generate", json={"prompt": "a bag", "n": 8, "seed": i}, timeout=120)
 
@@ -232,11 +251,19 @@ def test_autoscaling_up_under_load_and_back_down(service):
     from ray import serve
 
     deploy, url = service
-    deploy(autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
-                                                  "target_ongoing_requests": 1, "upscale_delay_s": 1,
-                                                  "downscale_delay_s": 3, "look_back_period_s": 2,
-                                                  "metrics_interval_s": 0.5},
-           user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0})
+    deploy(
+        autoscaling_config={
+            "min_replicas": 1,
+            "initial_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 3,
+            "look_back_period_s": 2,
+            "metrics_interval_s": 0.5,
+        },
+        user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0},
+    )
     stop = threading.Event()
     codes: list[int] = []
 
@@ -293,13 +320,19 @@ def test_killed_replica_is_replaced_and_serving_continues(service):
     deploy()
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda d: d["applications"][0]["deployments"][0].update(max_replica=3), "max_replica: unknown deployment option"),
-    (lambda d: d["applications"][0]["deployments"][0]["user_config"].update(max_batch_size=0), "max_batch_size"),
-    (lambda d: d["applications"][0]["args"].update(max_n=0), "max_n"),
-    (lambda d: d["applications"][0]["args"].update(colour="red"), "colour: unknown field"),
-    (lambda d: d.update(applications=[]), "exactly one application"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (
+            lambda d: d["applications"][0]["deployments"][0].update(max_replica=3),
+            "max_replica: unknown deployment option",
+        ),
+        (lambda d: d["applications"][0]["deployments"][0]["user_config"].update(max_batch_size=0), "max_batch_size"),
+        (lambda d: d["applications"][0]["args"].update(max_n=0), "max_n"),
+        (lambda d: d["applications"][0]["args"].update(colour="red"), "colour: unknown field"),
+        (lambda d: d.update(applications=[]), "exactly one application"),
+    ],
+)
 def test_bad_serve_config_is_rejected_naming_the_field(tmp_path, edit, needle):
     import yaml
 

@@ -5,21 +5,26 @@ import copy
 
 import pytest
 import torch
-from diffusers import SD3Transformer2DModel
 
 from cdm_core.conditioning import Cond
 from cdm_core.ema import EMA
-from cdm_core.models.sd3 import SD3Velocity, tiny_sd3_config
+from cdm_core.models import SD3Family, tiny_sd3_config
+from cdm_core.optim import warmup_adamw
 from cdm_core.step import CDMConfig, CDMStep
-from cdm_core.trainable import TorchTrainable, warmup_adamw
+from cdm_core.trainable import TorchTrainable
+from workflows.model_folder import new_model
+
+V = SD3Family.velocity
 
 SHAPE = (4, 1, 8, 8)
 
 
 def _model(seed=0):
     torch.manual_seed(seed)
-    return SD3Transformer2DModel(**tiny_sd3_config(sample_size=8, patch_size=2, num_layers=1, num_heads=2,
-                                                   head_dim=8, text_dim=12, pooled_dim=12))
+    return new_model(
+        "sd3",
+        tiny_sd3_config(sample_size=8, patch_size=2, num_layers=1, num_heads=2, head_dim=8, text_dim=12, pooled_dim=12),
+    )
 
 
 def _cond(seed=0):
@@ -31,11 +36,15 @@ def _make(cfg, seed=0, fake_lr=5e-6, teacher=None):
     teacher = teacher or _model(seed)
     student, fake = copy.deepcopy(teacher), copy.deepcopy(teacher)
     so, ss = warmup_adamw(student, 1e-3, warmup_steps=1)
-    fo = torch.optim.SGD(fake.parameters(), lr=fake_lr) if fake_lr == 0 else warmup_adamw(fake, fake_lr, warmup_steps=1)[0]
-    st = TorchTrainable(student, so, SD3Velocity, lr_scheduler=ss)
-    ft = TorchTrainable(fake, fo, SD3Velocity)
+    fo = (
+        torch.optim.SGD(fake.parameters(), lr=fake_lr)
+        if fake_lr == 0
+        else warmup_adamw(fake, fake_lr, warmup_steps=1)[0]
+    )
+    st = TorchTrainable(student, so, V, lr_scheduler=ss)
+    ft = TorchTrainable(fake, fo, V)
     ema = EMA(student, 0.999)
-    return CDMStep(cfg, st, ft, SD3Velocity(teacher.requires_grad_(False)), ema), student, fake, ema
+    return CDMStep(cfg, st, ft, V(teacher.requires_grad_(False)), ema), student, fake, ema
 
 
 def _run(step, iters, cond=None, uncond=None):
@@ -50,8 +59,10 @@ def test_same_seed_gives_bitwise_same_steps():
     s2, st2, fk2, e2 = _make(cfg)
     r1, r2 = _run(s1, 4), _run(s2, 4)
     assert [r.metrics for r in r1] == [r.metrics for r in r2]
-    for a, b in zip(list(st1.parameters()) + list(fk1.parameters()) + list(e1.shadow.parameters()),
-                    list(st2.parameters()) + list(fk2.parameters()) + list(e2.shadow.parameters())):
+    for a, b in zip(
+        list(st1.parameters()) + list(fk1.parameters()) + list(e1.shadow.parameters()),
+        list(st2.parameters()) + list(fk2.parameters()) + list(e2.shadow.parameters()),
+    ):
         assert torch.equal(a, b)
     s3, st3, _, _ = _make(CDMConfig(n_max=4, alpha=1.0, seed=6))
     _run(s3, 4)
@@ -125,16 +136,17 @@ def test_invalid_config_is_rejected():
 def test_non_finite_gradient_skips_the_step():
     m = torch.nn.Linear(3, 3)
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
-    t = TorchTrainable(m, opt, lambda mod: (lambda x, tt, c: mod(x)))
+    t = TorchTrainable(m, opt, lambda mod: lambda x, tt, c: mod(x))
     before = copy.deepcopy(m.state_dict())
     r = t.apply((m(torch.ones(1, 3)) * float("inf")).sum())
-    # inf/NaN gradients are zeroed (nan_to_num), so the step cannot move or poison the weights
+    # a non-finite loss is replaced by a zero loss (finite zero gradients): the step cannot move or poison the weights
+    assert r.skipped
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all(torch.isfinite(p).all() for p in m.parameters()) and r.grad_norm == 0.0
 
 
 def test_anchor_indices_and_noise_come_from_different_streams():
-    from cdm_core.step import rank_seed
+    from cdm_core.seeds import rank_seed
 
     assert len({rank_seed(3, 0, 7, stream) for stream in range(3)}) == 3
     # the anchor stream no longer replays the noise stream's first draws
@@ -155,7 +167,7 @@ def test_fake_mix_trains_the_fake_teacher_on_off_trajectory_estimates():
 
 
 def test_lr_decay_is_warmup_then_cosine_to_the_floor():
-    from cdm_core.trainable import lr_factor
+    from cdm_core.optim import lr_factor
 
     assert lr_factor(0, 10) == pytest.approx(0.1) and lr_factor(500, 10) == 1.0
     assert lr_factor(9, 10, 110, "cosine") == 1.0

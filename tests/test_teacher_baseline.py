@@ -10,11 +10,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_two_processes_share_the_baseline_and_a_rerun_resumes(tmp_path):
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "teacher_baseline.py"), "--n-samples", "20", "--seeds", "0",
-           "--steps", "100,2", "--cfg-grid", "3", "--batch-size", "20", "--out", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "teacher_baseline.py"),
+        "--n-samples",
+        "20",
+        "--seeds",
+        "0",
+        "--steps",
+        "100,2",
+        "--cfg-grid",
+        "3",
+        "--batch-size",
+        "20",
+        "--out",
+        str(tmp_path),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-             for _ in range(2)]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for _ in range(2)
+    ]
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs
     entries = [json.loads(x) for x in (tmp_path / "teacher_rows.jsonl").read_text().splitlines()]

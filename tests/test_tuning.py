@@ -54,21 +54,24 @@ def _runs(c):
 
 
 # ------------------------------------------------------------------------------------ no Ray needed
-@pytest.mark.parametrize("space, field, words", [
-    ({"cdm.n_maxx": [2, 3]}, "cdm.n_maxx", "unknown field"),
-    ({"optim": {"lr_studnet": {"uniform": [0.1, 0.2]}}}, "optim.lr_studnet", "unknown field"),
-    ({"cdm.alpha": {"uniform": [0.5, 0.5]}}, "cdm.alpha", "empty range"),
-    ({"cdm.alpha": {"uniform": [0.9, 0.1]}}, "cdm.alpha", "empty range"),
-    ({"cdm.n_max": []}, "cdm.n_max", "non-empty list"),
-    ({"cdm.n_max": {"choice": []}}, "cdm.n_max", "non-empty list"),
-    ({"cdm.alpha": {"uniform": [0.0, 1000.0]}}, "cdm.alpha", "less than or equal to 100"),
-    ({"cdm.n_max": [4, 0]}, "cdm.n_max", "greater than or equal to 1"),
-    ({"optim.lr_student": {"loguniform": [0.0, 1.0e-3]}}, "optim.lr_student", "low > 0"),
-    ({"cdm.schedule": ["dynamic", "spiral"]}, "cdm.schedule", "spiral"),
-    ({"train.student_steps": [10, 20]}, "train.student_steps", "cannot be swept"),
-    ({"cdm": {}}, "cdm", "empty entry"),
-    ({"cdm.alpha": {"normal": [0, 1]}}, "cdm.alpha", "expected a list"),
-])
+@pytest.mark.parametrize(
+    "space, field, words",
+    [
+        ({"cdm.n_maxx": [2, 3]}, "cdm.n_maxx", "unknown field"),
+        ({"optim": {"lr_studnet": {"uniform": [0.1, 0.2]}}}, "optim.lr_studnet", "unknown field"),
+        ({"cdm.alpha": {"uniform": [0.5, 0.5]}}, "cdm.alpha", "empty range"),
+        ({"cdm.alpha": {"uniform": [0.9, 0.1]}}, "cdm.alpha", "empty range"),
+        ({"cdm.n_max": []}, "cdm.n_max", "non-empty list"),
+        ({"cdm.n_max": {"choice": []}}, "cdm.n_max", "non-empty list"),
+        ({"cdm.alpha": {"uniform": [0.0, 1000.0]}}, "cdm.alpha", "less than or equal to 100"),
+        ({"cdm.n_max": [4, 0]}, "cdm.n_max", "greater than or equal to 1"),
+        ({"optim.lr_student": {"loguniform": [0.0, 1.0e-3]}}, "optim.lr_student", "low > 0"),
+        ({"cdm.schedule": ["dynamic", "spiral"]}, "cdm.schedule", "spiral"),
+        ({"train.student_steps": [10, 20]}, "train.student_steps", "cannot be swept"),
+        ({"cdm": {}}, "cdm", "empty entry"),
+        ({"cdm.alpha": {"normal": [0, 1]}}, "cdm.alpha", "expected a list"),
+    ],
+)
 def test_invalid_search_space_is_rejected_before_any_trial_names_the_field(tmp_path, space, field, words):
     from tuning.sweep import main
 
@@ -104,15 +107,23 @@ def test_dry_run_lists_the_trials_and_resources_without_starting_anything(tmp_pa
     from tuning.sweep import main
 
     was = ray.is_initialized()
-    plan = main(str(_write_sweep(tmp_path, space={"optim.lr_student": [1e-4, 3e-5], "cdm.n_max": [2, 3]})),
-                [], dry_run=True)
+    plan = main(
+        str(_write_sweep(tmp_path, space={"optim.lr_student": [1e-4, 3e-5], "cdm.n_max": [2, 3]})), [], dry_run=True
+    )
     assert plan["n_trials"] == 4 and len(plan["trials"]) == 4
     assert {(t["optim.lr_student"], t["cdm.n_max"]) for t in plan["trials"]} == {
-        (1e-4, 2), (1e-4, 3), (3e-5, 2), (3e-5, 3)}
+        (1e-4, 2),
+        (1e-4, 3),
+        (3e-5, 2),
+        (3e-5, 3),
+    }
     r = plan["resources"]
     assert r["per_trial"]["cpus"] == 1.25 and r["max_concurrent_trials"] == 2 and r["peak"]["cpus"] == 2.5
-    rnd = main(str(_write_sweep(tmp_path, space={"cdm.alpha": {"uniform": [0.0, 1.0]}},
-                                searcher={"kind": "optuna"})), ["budget.num_samples=5"], dry_run=True)
+    rnd = main(
+        str(_write_sweep(tmp_path, space={"cdm.alpha": {"uniform": [0.0, 1.0]}}, searcher={"kind": "optuna"})),
+        ["budget.num_samples=5"],
+        dry_run=True,
+    )
     assert rnd["n_trials"] == 5 and rnd["space"]["cdm.alpha"] == "uniform [0.0, 1.0]"
     assert ray.is_initialized() == was and not (tmp_path / "runs").exists()
 
@@ -121,8 +132,52 @@ def test_preset_sweep_tiny_is_valid():
     from tuning.sweep import main
 
     plan = main("sweep-tiny", [], dry_run=True)
-    assert plan["searcher"] == "optuna" and set(plan["space"]) >= {"cdm.n_max", "cdm.alpha", "optim.lr_student",
-                                                                   "optim.fake_lr_ratio"}
+    assert plan["searcher"] == "optuna" and set(plan["space"]) >= {
+        "cdm.n_max",
+        "cdm.alpha",
+        "optim.lr_student",
+        "optim.fake_lr_ratio",
+    }
+
+
+def test_a_placement_group_is_unused_only_when_none_of_its_bundle_resources_is_taken():
+    from tuning.placement_groups import unused
+
+    h = "ab" * 16 + "01000000"
+    total = {
+        "CPU": 4.0,
+        f"CPU_group_{h}": 1.0,
+        f"CPU_group_0_{h}": 1.0,
+        f"bundle_group_{h}": 1000.0,
+        f"bundle_group_0_{h}": 1000.0,
+    }
+    assert unused(h, total, dict(total))
+    assert not unused(h, total, {**total, f"bundle_group_0_{h}": 999.999})  # a 0-CPU actor sits in bundle 0
+    assert not unused(h, total, {k: v for k, v in total.items() if k != f"CPU_group_{h}"})  # all taken: left out
+    assert not unused("cd" * 16 + "01000000", total, dict(total))  # no resources of its own (yet)
+
+
+def test_the_sweep_callbacks_survive_tunes_pickling_without_their_state():
+    import pickle
+
+    from tuning.placement_groups import StoppedTrialGroups
+    from tuning.trial_lineage import TrialLineage
+
+    cb = TrialLineage("sqlite:///x.db", "exp", {"name": "n"}, 4, "val_fd")
+    cb._runs["t1"] = "run"
+    back = pickle.loads(pickle.dumps(cb))
+    assert (back.uri, back.experiment, back.base, back.total, back.metric) == (
+        "sqlite:///x.db",
+        "exp",
+        {"name": "n"},
+        4,
+        "val_fd",
+    )
+    assert back._runs == {} and back._c is None
+    reaper = StoppedTrialGroups(delay_s=3.0)
+    reaper._unused_since["g"] = 1.0
+    back = pickle.loads(pickle.dumps(reaper))
+    assert back.delay_s == 3.0 and back._unused_since == {} and back._job is None
 
 
 # ------------------------------------------------------------------------------------ real sweeps
@@ -156,8 +211,12 @@ def test_asha_sweep_stops_a_bad_trial_nests_runs_and_aliases_the_best_candidate(
     assert mv.run_id == res["best"]["run_id"] == by_lr[res["best"]["config"]["optim.lr_student"]].info.run_id
     assert "eval.fd" in c.get_run(mv.run_id).data.metrics
     arts = {a.path for a in c.list_artifacts(parent.info.run_id, "report")}
-    assert {"report/results.csv", "report/results.md", "report/learning_curves.png",
-            "report/val_selection_score_vs_optim_lr_student.png"} <= arts
+    assert {
+        "report/results.csv",
+        "report/results.md",
+        "report/learning_curves.png",
+        "report/val_selection_score_vs_optim_lr_student.png",
+    } <= arts
     assert parent.data.tags["cdm.best.optim.lr_student"] == str(res["best"]["config"]["optim.lr_student"])
     # no placement group of a stopped trial is left holding the cluster's CPUs
     import ray
@@ -178,25 +237,53 @@ def _experiment_state_says_terminated(exp_dir: Path) -> bool:
     return False
 
 
+def _checkpoint_times(job_dir: Path) -> dict[str, list[tuple[str, int]]]:
+    """Each checkpoint folder of a job: its files and their modification times."""
+    from workflows.checkpoints import all_checkpoints
+
+    return {
+        ck.name: sorted((str(f.relative_to(ck)), f.stat().st_mtime_ns) for f in ck.rglob("*") if f.is_file())
+        for ck in all_checkpoints(job_dir)
+    }
+
+
+def _metric_history(c, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    return sorted((m.step, m.value, m.timestamp) for m in c.get_metric_history(run_id, key))
+
+
 def test_interrupted_sweep_resumes_with_the_same_command_one_run_per_trial(ray_cluster, distill_env):
     from tuning.sweep import load, main
 
-    path = _write_sweep(distill_env, name="r", space={"optim.lr_student": GOOD_LRS},
-                        scheduler={"kind": "none"}, budget={"max_concurrent_trials": 1, "trial_cpus": 0.25})
+    path = _write_sweep(
+        distill_env,
+        name="r",
+        space={"optim.lr_student": GOOD_LRS},
+        scheduler={"kind": "none"},
+        budget={"max_concurrent_trials": 1, "trial_cpus": 0.25},
+    )
     _, base, _, key = load(str(path), [])
     exp_dir = Path(base.storage_path) / "sweeps" / key
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     code = f"from tuning.sweep import main; main({str(path)!r}, [])"
-    p = subprocess.Popen([sys.executable, "-c", code], cwd=distill_env, env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
+    p = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=distill_env,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     c = mlflow_client(distill_env)
     deadline = time.time() + 400
     try:
         while True:  # until the first trial is recorded done by Tune and the second one has started
             assert p.poll() is None, "the sweep ended before it could be interrupted"
             assert time.time() < deadline, "the first trial did not finish"
-            children = [r for r in _runs(c) if r.data.tags.get("cdm.kind") != "sweep"] if \
-                (distill_env / "mlflow.db").exists() else []
+            children = (
+                [r for r in _runs(c) if r.data.tags.get("cdm.kind") != "sweep"]
+                if (distill_env / "mlflow.db").exists()
+                else []
+            )
             if len(children) == 2 and _experiment_state_says_terminated(exp_dir):
                 break
             time.sleep(1)
@@ -205,7 +292,9 @@ def test_interrupted_sweep_resumes_with_the_same_command_one_run_per_trial(ray_c
         p.wait()
     first = next(r for r in children if r.info.status == "FINISHED")
     first_dir = Path(base.storage_path) / first.data.tags["cdm.job_key"]
-    started = (first_dir / "first_step.json").stat().st_mtime
+    ckpts = _checkpoint_times(first_dir)
+    assert ckpts, f"the finished trial left no checkpoint in {first_dir}"
+    curve = _metric_history(c, first.info.run_id, "val_fd")
     res = main(str(path), [])  # the same command: Tuner.restore
     assert res["trials"] == 2 and res["errored"] == 0
     runs = _runs(c)
@@ -213,7 +302,9 @@ def test_interrupted_sweep_resumes_with_the_same_command_one_run_per_trial(ray_c
     parent = next(r for r in runs if r.data.tags.get("cdm.kind") == "sweep")
     kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(kids) == 2 and all(r.info.status == "FINISHED" for r in kids)
-    assert (first_dir / "first_step.json").stat().st_mtime == started  # the finished trial was not re-run
+    # the finished trial was not re-run: its checkpoints untouched, its validation curve not logged again
+    assert _checkpoint_times(first_dir) == ckpts
+    assert _metric_history(c, first.info.run_id, "val_fd") == curve
     for r in kids:
         assert [m.step for m in c.get_metric_history(r.info.run_id, "val_fd")] == [1, 2, 3, 4]
     assert c.get_model_version_by_alias("sweep-test", "candidate").run_id == res["best"]["run_id"]

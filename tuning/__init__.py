@@ -1,1 +1,2 @@
-"""Ray Tune sweeps over N_max, CFG scale and learning rate (arrives with the tuning issue)."""
+"""``cdm sweep``: Ray Tune sweeps of a distillation recipe over any config field (N_max, CFG scale,
+learning rate, ...) with ASHA early stopping and MLflow lineage; entry point ``tuning.sweep.main``."""

@@ -39,16 +39,20 @@ def _plt():
     return plt
 
 
-def plot_metric_vs_params(rows: list[dict], params: list[tuple[str, str]], metric: str, out_dir: Path,
-                          best_trial: str | None) -> list[Path]:
+def plot_metric_vs_params(
+    rows: list[dict], params: list[tuple[str, str]], metric: str, out_dir: Path, best_trial: str | None
+) -> list[Path]:
     """One PNG per swept parameter: the trial's last ``metric`` vs its value (x in log for loguniform)."""
     plt = _plt()
     out = []
     for path, kind in params:
         fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
         for stopped, marker, label in ((False, "o", "completed"), (True, "x", "stopped early")):
-            pts = [(r[path], r[metric]) for r in rows if r.get(metric) is not None and
-                   bool(r.get("stopped_early")) == stopped and r.get(path) is not None]
+            pts = [
+                (r[path], r[metric])
+                for r in rows
+                if r.get(metric) is not None and bool(r.get("stopped_early")) == stopped and r.get(path) is not None
+            ]
             if pts:
                 xs, ys = zip(*pts)
                 if all(isinstance(x, (int, float)) for x in xs):
@@ -57,8 +61,7 @@ def plot_metric_vs_params(rows: list[dict], params: list[tuple[str, str]], metri
                     ax.scatter([str(x) for x in xs], ys, marker=marker, label=label)
         best = [r for r in rows if r["trial_id"] == best_trial and r.get(metric) is not None]
         if best and isinstance(best[0][path], (int, float)):
-            ax.scatter([best[0][path]], [best[0][metric]], s=160, facecolors="none", edgecolors="red",
-                       label="best")
+            ax.scatter([best[0][path]], [best[0][metric]], s=160, facecolors="none", edgecolors="red", label="best")
         if kind == "loguniform":
             ax.set_xscale("log")
         ax.set_xlabel(path)
@@ -73,16 +76,22 @@ def plot_metric_vs_params(rows: list[dict], params: list[tuple[str, str]], metri
     return out
 
 
-def plot_learning_curves(curves: dict[str, list[tuple[int, float]]], metric: str, out_dir: Path,
-                         best_trial: str | None) -> Path:
+def plot_learning_curves(
+    curves: dict[str, list[tuple[int, float]]], metric: str, out_dir: Path, best_trial: str | None
+) -> Path:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for tid, pts in sorted(curves.items()):
         if not pts:
             continue
         xs, ys = zip(*sorted(pts))
-        ax.plot(xs, ys, marker=".", lw=2.5 if tid == best_trial else 1.0,
-                label=f"{tid}{' (best)' if tid == best_trial else ''}")
+        ax.plot(
+            xs,
+            ys,
+            marker=".",
+            lw=2.5 if tid == best_trial else 1.0,
+            label=f"{tid}{' (best)' if tid == best_trial else ''}",
+        )
     ax.set_xlabel("student steps")
     ax.set_ylabel(metric)
     ax.set_title(f"validation {metric} of every trial")

@@ -22,14 +22,23 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from workflows.config import ConfigError, build, deep_merge, format_validation_error  # noqa: F401 (re-exported for callers)
+from workflows.config import ConfigError, build, deep_merge
 from workflows.distill_config import DistillConfig
 
 KINDS = ("values", "choice", "grid", "uniform", "loguniform", "randint")
 LIST_KINDS = ("values", "choice", "grid")
 # fields a sweep owns or that would break trial identity/lineage if they varied per trial
-NOT_SWEEPABLE = ("name", "storage_path", "teacher", "prompts", "mlflow", "eval", "train.student_steps",
-                 "train.checkpoint_every", "scaling")
+NOT_SWEEPABLE = (
+    "name",
+    "storage_path",
+    "teacher",
+    "prompts",
+    "mlflow",
+    "eval",
+    "train.student_steps",
+    "train.checkpoint_every",
+    "scaling",
+)
 
 
 @dataclass(frozen=True)
@@ -110,15 +119,19 @@ def _parse_param(path: str, spec: Any) -> Param:
     if FIELDS[path] is None:
         raise ConfigError(f"search space: {path}: is a config section, not a field")
     if any(path == b or path.startswith(b + ".") for b in NOT_SWEEPABLE):
-        raise ConfigError(f"search space: {path}: cannot be swept (the sweep config owns it; not sweepable: "
-                          f"{', '.join(NOT_SWEEPABLE)})")
+        raise ConfigError(
+            f"search space: {path}: cannot be swept (the sweep config owns it; not sweepable: "
+            f"{', '.join(NOT_SWEEPABLE)})"
+        )
     if isinstance(spec, list):
         kind, args = "values", spec
     elif isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in KINDS:
         kind, args = next(iter(spec.items()))
     else:
-        raise ConfigError(f"search space: {path}: expected a list of values or a mapping with one of "
-                          f"{', '.join(KINDS)} (got {spec!r})")
+        raise ConfigError(
+            f"search space: {path}: expected a list of values or a mapping with one of "
+            f"{', '.join(KINDS)} (got {spec!r})"
+        )
     if kind in LIST_KINDS:
         if not isinstance(args, list) or not args:
             raise ConfigError(f"search space: {path}: {kind} needs a non-empty list of values (got {args!r})")
@@ -184,8 +197,10 @@ def parse_space(raw: Any, base: DistillConfig, searcher: str) -> Space:
     if searcher == "grid":
         bad = [p.path for p in params if not p.is_list]
         if bad:
-            raise ConfigError(f"search space: {bad[0]}: the grid searcher needs a list of values "
-                              f"(use searcher.kind random or optuna for ranges)")
+            raise ConfigError(
+                f"search space: {bad[0]}: the grid searcher needs a list of values "
+                f"(use searcher.kind random or optuna for ranges)"
+            )
     if searcher == "optuna":
         bad = [p.path for p in params if p.kind == "grid"]
         if bad:

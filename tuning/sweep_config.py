@@ -15,8 +15,7 @@ from workflows.distill_config import DistillConfig
 
 # val_selection_score (the default) combines both judges and the pixel panel; the reported test figures are
 # never the selecting ones
-METRICS = ("val_selection_score", "val_fd", "val_fd2", "val_adherence", "val_precision", "val_recall",
-           "val_hf_gap")
+METRICS = ("val_selection_score", "val_fd", "val_fd2", "val_adherence", "val_precision", "val_recall", "val_hf_gap")
 LOWER_IS_BETTER = ("val_selection_score", "val_fd", "val_fd2", "val_hf_gap")
 
 
@@ -40,13 +39,18 @@ class SchedulerSection(Strict):
 
 
 class BudgetSection(Strict):
-    num_samples: int | None = Field(None, ge=1, le=100_000,
-                                    description="trials (random/optuna; default 8); grid: repeats of the grid "
-                                                "(default 1)")
+    num_samples: int | None = Field(
+        None, ge=1, le=100_000, description="trials (random/optuna; default 8); grid: repeats of the grid (default 1)"
+    )
     max_concurrent_trials: int = Field(1, ge=1, le=10_000)
     trial_cpus: float = Field(0.25, gt=0.0, le=512, description="CPUs of a trial's driver (workers: base scaling)")
     max_failures: int = Field(0, ge=0, le=100, description="Tune retries of a failed trial")
-    time_budget_s: float = Field(0.0, ge=0.0, description="stop starting new trials after this (0 = no limit)")
+    time_budget_s: float = Field(
+        0.0,
+        ge=0.0,
+        description="seconds after which Tune stops the sweep, running "
+        "trials included; the best so far is exported (0 = no limit)",
+    )
 
 
 class SweepConfig(Strict):
@@ -65,8 +69,9 @@ class SweepConfig(Strict):
     def _mode(self):
         best_low = self.metric in LOWER_IS_BETTER
         if (self.mode == "min") != best_low:
-            raise ValueError(f"mode {self.mode!r} optimises {self.metric} the wrong way "
-                             f"(use {'min' if best_low else 'max'})")
+            raise ValueError(
+                f"mode {self.mode!r} optimises {self.metric} the wrong way (use {'min' if best_low else 'max'})"
+            )
         return self
 
 
@@ -88,16 +93,22 @@ def load_sweep(config: str | Path, overrides: list[str] | None = None) -> tuple[
     except ConfigError as e:
         raise ConfigError(f"base: {e}") from None
     if sweep.validation.seed in cfg.eval.seeds:
-        raise ConfigError(f"validation.seed: {sweep.validation.seed} is one of the test seeds {cfg.eval.seeds} "
-                          "(base eval.seeds): the sweep must not optimise on the test set")
+        raise ConfigError(
+            f"validation.seed: {sweep.validation.seed} is one of the test seeds {cfg.eval.seeds} "
+            "(base eval.seeds): the sweep must not optimise on the test set"
+        )
     if cfg.train.student_steps < sweep.validation.every:
-        raise ConfigError(f"validation.every: {sweep.validation.every} is more than the base's "
-                          f"train.student_steps ({cfg.train.student_steps}): no trial would report")
+        raise ConfigError(
+            f"validation.every: {sweep.validation.every} is more than the base's "
+            f"train.student_steps ({cfg.train.student_steps}): no trial would report"
+        )
     if sweep.scheduler.kind == "asha":
         rounds = cfg.train.student_steps // sweep.validation.every
         if sweep.scheduler.grace_period > rounds:
-            raise ConfigError(f"scheduler.grace_period: {sweep.scheduler.grace_period} rounds is more than the "
-                              f"{rounds} validation rounds of a trial")
+            raise ConfigError(
+                f"scheduler.grace_period: {sweep.scheduler.grace_period} rounds is more than the "
+                f"{rounds} validation rounds of a trial"
+            )
     from workflows.lineage import tracking_uri
 
     data = cfg.model_dump(mode="json")
@@ -106,15 +117,20 @@ def load_sweep(config: str | Path, overrides: list[str] | None = None) -> tuple[
     for k in ("teacher", "prompts"):
         if data[k] != "builtin":
             data[k] = str(Path(data[k]).expanduser().resolve())
-    data["eval"].update(val_every=sweep.validation.every, val_n_samples=sweep.validation.n_samples,
-                        val_seed=sweep.validation.seed,
-                        keep_best=False)  # the sweep picks the trial and its step itself, from the reports
+    data["eval"].update(
+        val_every=sweep.validation.every,
+        val_n_samples=sweep.validation.n_samples,
+        val_seed=sweep.validation.seed,
+        keep_best=False,
+    )  # the sweep picks the trial and its step itself, from the reports
     data["train"]["checkpoint_every"] = sweep.validation.every  # a checkpoint per round: resumable, exportable
     return sweep, build(DistillConfig, data)
 
 
 def sweep_key(sweep: SweepConfig, base: DistillConfig) -> str:
     """Deterministic id of a sweep: the same command finds the same Tune experiment and MLflow parent run."""
-    blob = {"sweep": {k: v for k, v in sweep.model_dump(mode="json").items() if k != "base"},
-            "base": base.model_dump(mode="json")}
+    blob = {
+        "sweep": {k: v for k, v in sweep.model_dump(mode="json").items() if k != "base"},
+        "base": base.model_dump(mode="json"),
+    }
     return f"{sweep.name}-{hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:10]}"

@@ -46,7 +46,8 @@ class TeacherTrainConfig(Strict):
     model: TinyModelConfig = TinyModelConfig()
     steps: int = Field(20000, ge=1, le=10_000_000)
     max_minutes: float = Field(
-        0.0, ge=0.0, description="wall-time budget (0 = none); the lr decay is paced to end within it")
+        0.0, ge=0.0, description="wall-time budget (0 = none); the lr decay is paced to end within it"
+    )
     batch_size: int = Field(128, ge=1, le=65536)
     lr: float = Field(1e-3, gt=0.0, le=1.0)
     warmup_steps: int = Field(500, ge=0)

@@ -13,8 +13,8 @@ import contextlib
 import torch
 
 from cdm_core.ema import EMA
-from cdm_core.models.sd3 import SD3Velocity
-from cdm_core.trainable import ApplyResult
+from cdm_core.optim import adamw_for
+from cdm_core.trainable import ApplyResult, guard_loss
 
 
 def ds_config(batch_per_worker: int, zero_stage: int, precision: str, max_grad_norm: float, use_gpu: bool) -> dict:
@@ -29,21 +29,24 @@ def ds_config(batch_per_worker: int, zero_stage: int, precision: str, max_grad_n
         "wall_clock_breakdown": False,
     }
     if zero_stage == 3:
-        cfg["zero_optimization"].update({"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False})
+        cfg["zero_optimization"].update(
+            {"stage3_param_persistence_threshold": 0, "stage3_gather_16bit_weights_on_model_save": False}
+        )
     return cfg
 
 
 class DeepSpeedTrainable:
     """``velocity``/``parameters``/``apply`` over a DeepSpeed engine.
 
-    ``apply``: a non-finite loss on any rank turns into a zero loss on every rank (all ranks must run the
-    same collectives), then ``engine.backward`` and ``engine.step`` (clipping is in the DS config).
+    ``apply``: the non-finite guard of every trainable (``cdm_core.trainable.guard_loss``, its flag reduced
+    over the ranks, which must all run the same collectives), then ``engine.backward`` and ``engine.step``
+    (clipping is in the DS config).
     """
 
-    def __init__(self, engine, zero_stage: int):
+    def __init__(self, engine, zero_stage: int, velocity_of):
         self.engine = engine
         self.zero_stage = zero_stage
-        self._v = SD3Velocity(engine)
+        self._v = velocity_of(engine)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -56,12 +59,7 @@ class DeepSpeedTrainable:
         return self.engine.module.parameters()
 
     def apply(self, loss: torch.Tensor) -> ApplyResult:
-        ok = torch.isfinite(loss.detach()).float().reshape(1)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-        skipped = bool(ok.item() < 1)
-        if skipped:
-            loss = torch.nan_to_num(loss, nan=0.0, posinf=0.0, neginf=0.0) * 0.0
+        loss, skipped = guard_loss(loss, self.engine.module.parameters(), _min_over_ranks)
         self.engine.backward(loss)
         self.engine.step()
         gn = self.engine.get_global_grad_norm()
@@ -80,13 +78,39 @@ class DeepSpeedTrainable:
             yield
 
 
+def _min_over_ranks(flag: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return flag
+
+
+def deepspeed_trainable(optim, batch_per_worker: int, zero_stage: int, precision: str, use_gpu: bool, velocity_of):
+    """The ``trainable`` factory of ``cdm_core.distiller.build_distiller`` for DeepSpeed engines: the same
+    AdamW + warm-up as the reference loop, handed to ``deepspeed.initialize`` with the job's ZeRO config."""
+    import deepspeed
+
+    def make(module: torch.nn.Module, lr: float, total_steps: int) -> DeepSpeedTrainable:
+        opt, sched = adamw_for(module, optim, lr, total_steps)
+        eng, *_ = deepspeed.initialize(
+            model=module,
+            optimizer=opt,
+            lr_scheduler=sched,
+            config=ds_config(batch_per_worker, zero_stage, precision, optim.max_grad_norm, use_gpu),
+        )
+        return DeepSpeedTrainable(eng, zero_stage, velocity_of)
+
+    return make
+
+
 def blend(fake: DeepSpeedTrainable, student: DeepSpeedTrainable, decay: float) -> None:
     """``phi <- decay phi + (1 - decay) theta`` on full parameters (gathered under ZeRO-3)."""
     if fake.zero_stage == 3:
         import deepspeed
 
-        with student.gathered(), deepspeed.zero.GatheredParameters(list(fake.engine.module.parameters()),
-                                                                    modifier_rank=0):
+        with (
+            student.gathered(),
+            deepspeed.zero.GatheredParameters(list(fake.engine.module.parameters()), modifier_rank=0),
+        ):
             _lerp(fake, student, decay)
     else:
         _lerp(fake, student, decay)

@@ -3,70 +3,52 @@ submit``, the sweep's base config and the KubeRay RayJob. See ``configs/tiny.yam
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, create_model, model_validator
 
+from cdm_core.knobs import BOUNDS
+from cdm_core.optim import OptimConfig
 from cdm_core.step import CDMConfig
 from workflows.config import Strict
 
 
-class CDMSection(Strict):
-    """The algorithm (CDM_SPEC.md); every ablation is a field."""
+def section_of(core: type, name: str, doc: str) -> type[Strict]:
+    """A strict pydantic section generated from a cdm_core config dataclass: the same fields, types,
+    defaults, bounds and descriptions (``cdm_core.knobs.knob``); after the per-field checks the dataclass
+    itself validates the whole (cross-field rules such as ``s_min < s_max``), so YAML, ``--set`` and the
+    sweep accept exactly what the maths does. ``to_core()`` returns the dataclass."""
+    hints = typing.get_type_hints(core)
+    fields = {}
+    for f in dataclasses.fields(core):
+        bounds = {k: v for k, v in f.metadata.items() if k in BOUNDS}
+        fields[f.name] = (hints[f.name], Field(f.default, **bounds))
 
-    schedule: Literal["dynamic", "fixed"] = "dynamic"
-    n_max: int = Field(28, ge=1, le=1000)
-    s_min: float = Field(0.25, gt=0.0, lt=1.0)
-    s_max: float = Field(0.95, gt=0.0, lt=1.0)
-    shift: float = Field(3.0, gt=0.0, le=100.0)
-    fixed_steps: int = Field(4, ge=1, le=64)
-    use_ca: bool = True
-    use_dm: bool = True
-    use_cdm: bool = True
-    w_ca: float = Field(1.0, ge=0.0, le=100.0)
-    w_dm: float = Field(1.0, ge=0.0, le=100.0)
-    w_cdm: float = Field(1.0, ge=0.0, le=100.0)
-    alpha: float = Field(7.0, ge=0.0, le=100.0, description="CFG-augmentation scale")
-    off_trajectory: Literal["velocity", "gaussian"] = "velocity"
-    target: Literal["local", "final"] = "local"
-    gaussian_base: Literal["final", "anchor"] = Field("final", description="what off_trajectory=gaussian "
-                                                      "re-noises: the rollout's final sample or the anchor's x0_hat")
-    fake_mix: float = Field(0.0, ge=0.0, le=1.0, description="share of the fake teacher's batch taken from "
-                                                             "off-trajectory estimates (0 = authors' code)")
-    tau_min: float = Field(0.02, gt=0.0, lt=1.0)
-    tau_max: float = Field(0.98, gt=0.0, lt=1.0)
-    norm_floor: float = Field(0.1, gt=0.0, le=10.0, description="floor of the DM/CA normaliser, in the data's "
-                                                                "units (0.1 for SD3 latents)")
-    update_ratio: int = Field(2, ge=1, le=100)
-    fake_blend: float | None = Field(0.999, ge=0.0, le=1.0)
-    seed: int = Field(0, ge=0)
-
-    @model_validator(mode="after")
-    def _ranges(self):
-        if self.tau_min >= self.tau_max:
-            raise ValueError(f"tau_min ({self.tau_min}) must be below tau_max ({self.tau_max})")
-        if self.s_min >= self.s_max:
-            raise ValueError(f"s_min ({self.s_min}) must be below s_max ({self.s_max})")
-        if not (self.use_ca or self.use_dm or self.use_cdm):
-            raise ValueError("at least one of use_ca, use_dm, use_cdm must be true")
+    def _whole(self):
+        self.to_core()  # ValueError -> a validation error on the section
         return self
 
-    def to_core(self) -> CDMConfig:
-        return CDMConfig(**self.model_dump())
+    def to_core(self):
+        return core(**self.model_dump())
+
+    cls = create_model(
+        name,
+        __base__=Strict,
+        __doc__=doc,
+        __module__=__name__,
+        __validators__={"_whole": model_validator(mode="after")(_whole)},
+        **fields,
+    )
+    cls.to_core = to_core
+    return cls
 
 
-class OptimSection(Strict):
-    lr_student: float = Field(1e-5, gt=0.0, le=1.0)
-    fake_lr_ratio: float = Field(0.5, gt=0.0, le=100.0, description="lr_fake = lr_student * fake_lr_ratio")
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.999, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0, le=1.0)
-    warmup_steps: int = Field(100, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
-    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
-    lr_decay: Literal["none", "cosine"] = Field("none", description="after warm-up: constant, or cosine to "
-                                                                    "min_lr_ratio at the last student step")
-    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+CDMSection = section_of(
+    CDMConfig, "CDMSection", "The algorithm (CDM_SPEC.md, ``cdm_core.step.CDMConfig``); every ablation is a field."
+)
+OptimSection = section_of(OptimConfig, "OptimSection", "The optimiser (``cdm_core.optim.OptimConfig``).")
 
 
 class TrainSection(Strict):
@@ -106,19 +88,25 @@ class EvalSection(Strict):
     val_every: int = Field(0, ge=0, description="student steps between validation evaluations (0 = off)")
     val_n_samples: int = Field(500, ge=10, le=1_000_000)
     val_seed: int = Field(100, ge=0, description="validation noise seed; must not be one of the test seeds")
-    keep_best: bool = Field(False, description="export the EMA student with the best validation score instead "
-                                               "of the last one (needs val_every)")
+    keep_best: bool = Field(
+        False,
+        description="export the EMA student with the best validation score instead of the last one (needs val_every)",
+    )
     select_by: Literal["selection_score", "fd", "fd2"] = Field(
-        "selection_score", description="validation metric keep_best minimises: selection_score combines both "
-                                       "judges and the pixel panel (cdm_core.metrics.selection_score)")
+        "selection_score",
+        description="validation metric keep_best minimises: selection_score combines both "
+        "judges and the pixel panel (cdm_core.metrics.selection_score)",
+    )
 
     @model_validator(mode="after")
     def _val_not_test(self):
         if self.keep_best and not self.val_every:
             raise ValueError("keep_best needs validation: set eval.val_every > 0")
         if self.val_every and self.val_seed in self.seeds:
-            raise ValueError(f"val_seed ({self.val_seed}) is one of the test seeds {self.seeds}: "
-                             "validation must not use the test set")
+            raise ValueError(
+                f"val_seed ({self.val_seed}) is one of the test seeds {self.seeds}: "
+                "validation must not use the test set"
+            )
         return self
 
 

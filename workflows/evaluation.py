@@ -11,7 +11,6 @@ teacher's ``reference_steps``-step output from the same noise and prompt (cached
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import statistics
@@ -22,27 +21,49 @@ from pathlib import Path
 import torch
 
 from cdm_core.conditioning import Cond
-from cdm_core.metrics import (PixelReference, adherence, feature_stats, frechet_distance, high_frequency_energy, mse,
-                              pixel_panel, precision_recall, selection_score)
-from cdm_core.models.sd3 import SD3Velocity
-from cdm_core.sampling import sample_euler
-from cdm_core.schedule import inference_levels
+from cdm_core.metrics import (
+    adherence,
+    feature_stats,
+    frechet_distance,
+    high_frequency_energy,
+    mse,
+    pixel_panel,
+    precision_recall,
+    selection_score,
+)
 from workflows.config import DEFAULT_EVALUATOR, DEFAULT_JUDGE2, DEFAULT_TEACHER, EvalConfig
 from workflows.embeddings import cache_dir, empty_prompt, encode_prompts
-from workflows.files import save_atomic, write_text_atomic
 from workflows.evaluator import Evaluator
-from workflows.model_folder import load_transformer, read_meta
+from workflows.files import save_atomic, write_text_atomic
+from workflows.images import save_grid
+from workflows.model_folder import load_model
+from workflows.pixel_reference import pixel_reference
 from workflows.progress import console
 from workflows.prompts import HELDOUT_TEMPLATES, heldout_prompts
+from workflows.sampler import generate as sample_batches
 
 # judge 1 (fd, adherence, precision, recall), judge 2 (the same with a 2), the pixel panel, and the combined
 # selection score (cdm_core.metrics.selection_score) that picks checkpoints and recipes on validation seeds
-PIXEL_REFERENCE = Path(__file__).resolve().parent / "assets" / "pixel_reference.json"
 # bump when a metric's definition changes: cached evaluations (evaluate_cached) are keyed by it
 METRICS_VERSION = 1
-METRICS = ("fd", "adherence", "precision", "recall", "hf_gap", "mse_to_teacher100",
-           "fd2", "adherence2", "precision2", "recall2",
-           "near_white", "near_black", "edge_energy", "intensity_w1", "class_mean_gap", "selection_score")
+METRICS = (
+    "fd",
+    "adherence",
+    "precision",
+    "recall",
+    "hf_gap",
+    "mse_to_teacher100",
+    "fd2",
+    "adherence2",
+    "precision2",
+    "recall2",
+    "near_white",
+    "near_black",
+    "edge_energy",
+    "intensity_w1",
+    "class_mean_gap",
+    "selection_score",
+)
 
 
 @dataclass
@@ -75,16 +96,9 @@ def folder_hash(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-@torch.no_grad()
-def generate(model, es: EvalSet, levels: torch.Tensor, guidance: float, batch: int, device) -> torch.Tensor:
-    v_fn = SD3Velocity(model)
-    out = []
-    for i in range(0, es.noise.shape[0], batch):
-        sl = slice(i, i + batch)
-        x = sample_euler(v_fn, es.noise[sl].to(device), levels.to(device), es.cond.index(sl).to(device),
-                         es.uncond.index(sl).to(device), guidance)
-        out.append(x.float().cpu())
-    return torch.cat(out)
+def generate(v_fn, es: EvalSet, steps: int, shift: float, guidance: float, batch: int, device) -> torch.Tensor:
+    """The eval set's images from a velocity callable: the one few-step sampler over its noise and prompts."""
+    return sample_batches(v_fn, es.noise, es.cond, es.uncond, steps, shift, guidance, batch, device)
 
 
 def _reference_path(teacher: str | Path, es: EvalSet, seed: int, steps: int) -> Path:
@@ -101,46 +115,32 @@ def teacher_reference(teacher: str | Path, es: EvalSet, seed: int, steps: int, b
     path = _reference_path(teacher, es, seed, steps)
     if path.exists():
         return torch.load(path, weights_only=True)
-    model = load_transformer(teacher, device)
-    meta = read_meta(teacher)
+    m = load_model(teacher, device)
     console.print(f"computing the teacher's {steps}-step reference for seed {seed} (cached at {path})")
-    ref = generate(model, es, inference_levels(steps, meta.shift), 1.0, batch, device)
+    ref = generate(m.velocity(), es, steps, m.meta.shift, 1.0, batch, device)
     store_reference(teacher, es, seed, steps, ref)
     return ref
-
-
-@functools.lru_cache(maxsize=1)
-def pixel_reference() -> PixelReference:
-    """The pixel panel of the real test split, shipped as ``workflows/assets/pixel_reference.json`` (so that
-    workers and evaluations need no dataset); computed from the dataset when the file is missing.
-
-    Regenerate: ``python -c "from workflows.evaluation import write_pixel_reference; write_pixel_reference()"``.
-    """
-    if PIXEL_REFERENCE.exists():
-        return PixelReference.from_dict(json.loads(PIXEL_REFERENCE.read_text()))
-    from workflows.fashion_mnist import load_split
-
-    return PixelReference.from_images(*load_split("test"))
-
-
-def write_pixel_reference(path: str | Path | None = None) -> Path:
-    """Compute the real test split's pixel panel from the dataset and write it (default: the shipped asset)."""
-    from workflows.fashion_mnist import load_split
-
-    return write_text_atomic(json.dumps(PixelReference.from_images(*load_split("test")).to_dict()) + "\n",
-                             path or PIXEL_REFERENCE)
 
 
 def judge(ev: Evaluator, images: torch.Tensor, labels: torch.Tensor, suffix: str = "") -> dict:
     """One judge's FD, precision / recall (k = 3) and adherence, keys suffixed (``fd2`` for the second)."""
     feats, logits = ev.features_and_logits(images.clamp(-1, 1))
     prec, rec = precision_recall(ev.pr_features, feats[: ev.pr_features.shape[0]], k=3)
-    return {f"fd{suffix}": frechet_distance(feature_stats(feats), ev.reference),
-            f"adherence{suffix}": adherence(logits, labels), f"precision{suffix}": prec, f"recall{suffix}": rec}
+    return {
+        f"fd{suffix}": frechet_distance(feature_stats(feats), ev.reference),
+        f"adherence{suffix}": adherence(logits, labels),
+        f"precision{suffix}": prec,
+        f"recall{suffix}": rec,
+    }
 
 
-def score(ev: Evaluator, images: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None,
-          ev2: Evaluator | None = None) -> dict:
+def score(
+    ev: Evaluator,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    reference: torch.Tensor | None,
+    ev2: Evaluator | None = None,
+) -> dict:
     """Both judges (the second when given), the pixel panel against the real test split, and with both judges
     the selection score."""
     images = images.clamp(-1, 1)
@@ -176,47 +176,41 @@ def _shown(path: str | Path) -> str:
         return str(path)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int = 10) -> Path:
-    """Images (B, 1, H, W) in [-1, 1] -> one PNG, ``nrow`` per row."""
-    from PIL import Image
-
-    x = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
-    b, h, w = x.shape
-    rows = (b + nrow - 1) // nrow
-    canvas = torch.zeros((rows * (h + 2), nrow * (w + 2)), dtype=torch.uint8)
-    for i in range(b):
-        r, c = divmod(i, nrow)
-        canvas[r * (h + 2) + 1 : r * (h + 2) + 1 + h, c * (w + 2) + 1 : c * (w + 2) + 1 + w] = x[i]
-    img = Image.fromarray(canvas.numpy(), mode="L").resize((canvas.shape[1] * 3, canvas.shape[0] * 3), Image.NEAREST)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return Path(path)
-
-
-def evaluate_folder(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | None = None,
-                    teacher: str | Path = DEFAULT_TEACHER, evaluator: str | Path = DEFAULT_EVALUATOR,
-                    model: torch.nn.Module | None = None, judge2: str | Path | None = DEFAULT_JUDGE2) -> dict:
+def evaluate_folder(
+    model_dir: str | Path,
+    cfg: EvalConfig,
+    out_dir: str | Path | None = None,
+    teacher: str | Path = DEFAULT_TEACHER,
+    evaluator: str | Path = DEFAULT_EVALUATOR,
+    model: torch.nn.Module | None = None,
+    judge2: str | Path | None = DEFAULT_JUDGE2,
+) -> dict:
     """Evaluate a model folder (or an in-memory ``model`` with that folder's meta) over ``cfg.seeds`` with
     both judges (``judge2=None`` skips the second) and the pixel panel."""
     dev = torch.device(cfg.device)
-    meta = read_meta(model_dir)
+    handle = load_model(model_dir, dev, module=model)
+    meta = handle.meta
     shift = cfg.shift if cfg.shift is not None else meta.shift
-    levels = inference_levels(cfg.steps, shift)
-    net = model if model is not None else load_transformer(model_dir, dev)
+    v_fn = handle.velocity()
     ev = Evaluator.load(evaluator)
     ev2 = Evaluator.load(judge2) if judge2 is not None else None
     per_seed, wall, timed = [], 0.0, 0
     first = None
     for seed in cfg.seeds:
-        es = eval_set(cfg.n_samples, seed, (meta.channels, meta.image_size, meta.image_size))
+        es = eval_set(cfg.n_samples, seed, handle.shape)
         t0 = time.time()
-        is_reference = (model is None and cfg.steps == cfg.reference_steps and cfg.guidance == 1.0
-                        and shift == meta.shift and Path(model_dir).resolve() == Path(teacher).resolve())
+        is_reference = (
+            model is None
+            and cfg.steps == cfg.reference_steps
+            and cfg.guidance == 1.0
+            and shift == meta.shift
+            and Path(model_dir).resolve() == Path(teacher).resolve()
+        )
         cached = _reference_path(teacher, es, seed, cfg.steps) if is_reference else None
         if cached is not None and cached.exists():  # the teacher's own reference run, already on disk
             imgs = torch.load(cached, weights_only=True)
         else:
-            imgs = generate(net, es, levels, cfg.guidance, cfg.batch_size, dev)
+            imgs = generate(v_fn, es, cfg.steps, shift, cfg.guidance, cfg.batch_size, dev)
             wall += time.time() - t0
             timed += imgs.shape[0]
         ref = None
@@ -256,9 +250,14 @@ def evaluate_folder(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path 
     return result
 
 
-def evaluate_cached(model_dir: str | Path, cfg: EvalConfig, out_dir: str | Path | None = None,
-                    teacher: str | Path = DEFAULT_TEACHER, evaluator: str | Path = DEFAULT_EVALUATOR,
-                    judge2: str | Path | None = DEFAULT_JUDGE2) -> dict:
+def evaluate_cached(
+    model_dir: str | Path,
+    cfg: EvalConfig,
+    out_dir: str | Path | None = None,
+    teacher: str | Path = DEFAULT_TEACHER,
+    evaluator: str | Path = DEFAULT_EVALUATOR,
+    judge2: str | Path | None = DEFAULT_JUDGE2,
+) -> dict:
     """:func:`evaluate_folder` of a model folder whose result is cached by the contents of the folder, the
     judges and the eval config (the teacher's rows of ``cdm run``: 100 NFE on 1,000 images is minutes on CPU)."""
     h = hashlib.sha256(f"{METRICS_VERSION}:{cfg.model_dump_json()}".encode())

@@ -58,9 +58,17 @@ def _shift_flip(x: torch.Tensor, g: torch.Generator, pad: int = 2) -> torch.Tens
     return out
 
 
-def train_evaluator(out_dir: str | Path, epochs: int = 4, batch_size: int = 128, lr: float | None = None,
-                    device: str = "cpu", seed: int | None = None, data_dir: str | None = None, command: str = "",
-                    kind: str = "cnn") -> dict:
+def train_evaluator(
+    out_dir: str | Path,
+    epochs: int = 4,
+    batch_size: int = 128,
+    lr: float | None = None,
+    device: str = "cpu",
+    seed: int | None = None,
+    data_dir: str | None = None,
+    command: str = "",
+    kind: str = "cnn",
+) -> dict:
     """Train one judge of ``kind`` (cnn | resnet, each with its own recipe, see the module docstring)."""
     if kind not in KINDS:
         raise ValueError(f"judge kind must be one of {sorted(KINDS)}, got {kind!r}")
@@ -104,12 +112,15 @@ def train_evaluator(out_dir: str | Path, epochs: int = 4, batch_size: int = 128,
             sched.step()
             step += 1
             if step % 100 == 0:
-                console.print(f"judge {kind} step {step}/{steps} loss={float(loss.detach()):.4f} ({time.time() - t0:.0f}s)")
+                console.print(
+                    f"judge {kind} step {step}/{steps} loss={float(loss.detach()):.4f} ({time.time() - t0:.0f}s)"
+                )
         net.eval()
         _, logits = _features(net, x_te)
         acc = float((logits.argmax(1) == y_te).float().mean())
-        console.print(f"evaluator epoch {ep + 1}/{epochs} loss={float(loss):.4f} test_acc={acc:.4f} "
-                      f"({time.time() - t0:.0f}s)")
+        console.print(
+            f"evaluator epoch {ep + 1}/{epochs} loss={float(loss):.4f} test_acc={acc:.4f} ({time.time() - t0:.0f}s)"
+        )
     net = net.cpu().eval()
     feats, logits = _features(net, x_te)
     stats = feature_stats(feats)
@@ -127,8 +138,16 @@ def train_evaluator(out_dir: str | Path, epochs: int = 4, batch_size: int = 128,
         "command": command,
     }
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(out / "feature_net.safetensors"))
-    torch.save({"mu": stats.mu, "cov": stats.cov, "n": stats.n, "pr_features": feats[pr_idx].clone(),
-                "hf_real": info["hf_real"]}, out / "reference.pt")
+    torch.save(
+        {
+            "mu": stats.mu,
+            "cov": stats.cov,
+            "n": stats.n,
+            "pr_features": feats[pr_idx].clone(),
+            "hf_real": info["hf_real"],
+        },
+        out / "reference.pt",
+    )
     (out / "evaluator.json").write_text(json.dumps(info, indent=2) + "\n")
     console.print(f"evaluator written to {out}: {info}")
     return info
@@ -143,7 +162,7 @@ class Evaluator:
     info: dict
 
     @classmethod
-    def load(cls, folder: str | Path, device: str = "cpu") -> "Evaluator":
+    def load(cls, folder: str | Path, device: str = "cpu") -> Evaluator:
         p = Path(folder)
         for name in ("feature_net.safetensors", "reference.pt", "evaluator.json"):
             if not (p / name).exists():
@@ -155,8 +174,13 @@ class Evaluator:
         net = KINDS[kind]()
         net.load_state_dict(load_file(str(p / "feature_net.safetensors")))
         ref = torch.load(p / "reference.pt", map_location="cpu", weights_only=True)
-        return cls(net.to(device).eval(), FeatureStats(ref["mu"], ref["cov"], int(ref["n"])),
-                   ref["pr_features"], float(ref["hf_real"]), info)
+        return cls(
+            net.to(device).eval(),
+            FeatureStats(ref["mu"], ref["cov"], int(ref["n"])),
+            ref["pr_features"],
+            float(ref["hf_real"]),
+            info,
+        )
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return _features(self.net, images.clamp(-1, 1))

@@ -34,10 +34,15 @@ def client(uri: str):
 def code_version() -> str:
     here = Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         if sha:
             return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -78,8 +83,9 @@ def experiment_id(c, name: str) -> str:
         return c.get_experiment_by_name(name).experiment_id
 
 
-def find_or_create_run(c, experiment: str, job_key: str, run_name: str, tags: dict[str, str],
-                       parent_run_id: str | None = None) -> tuple[str, bool]:
+def find_or_create_run(
+    c, experiment: str, job_key: str, run_name: str, tags: dict[str, str], parent_run_id: str | None = None
+) -> tuple[str, bool]:
     """The run tagged ``cdm.job_key = job_key`` (resumed), or a new one. Returns (run_id, resumed)."""
     exp_id = experiment_id(c, experiment)
     found = c.search_runs([exp_id], filter_string=f"tags.`{JOB_KEY_TAG}` = '{job_key}'", max_results=1)
@@ -104,13 +110,18 @@ def log_params_once(c, run_id: str, params: dict) -> None:
         c.log_batch(run_id, params=new[i : i + 100])
 
 
-def log_metrics(c, run_id: str, rows: list[tuple[int, dict[str, float]]]) -> None:
-    """``rows`` = [(step, {name: value})] -> one log_batch per 500 points."""
+def log_metrics(c, run_id: str, rows: list[tuple]) -> None:
+    """``rows`` = [(step, {name: value})] or [(step, {name: value}, unix seconds measured)] -> one log_batch
+    per 500 points (timestamped now unless the row says when it was measured)."""
     from mlflow.entities import Metric
 
-    ts = int(time.time() * 1000)
-    pts = [Metric(k.replace("/", "."), float(v), ts, int(step)) for step, m in rows for k, v in m.items()
-           if v == v and abs(v) != float("inf")]
+    now = time.time()
+    pts = [
+        Metric(k.replace("/", "."), float(v), int((r[2] if len(r) > 2 else now) * 1000), int(r[0]))
+        for r in rows
+        for k, v in r[1].items()
+        if v == v and abs(v) != float("inf")
+    ]
     for i in range(0, len(pts), 500):
         c.log_batch(run_id, metrics=pts[i : i + 500])
 
@@ -127,18 +138,50 @@ class MetricBuffer:
     """
 
     def __init__(self, c=None, run_id: str | None = None):
-        self.rows: list[tuple[int, dict[str, float]]] = []
+        self.rows: list[tuple[int, dict[str, float], float]] = []
         self.logged_through = -1
         if c is not None and run_id:
             self.logged_through = int(c.get_run(run_id).data.tags.get(LOGGED_THROUGH_TAG, -1))
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
-        self.rows.append((step, dict(metrics)))
+        """Buffer ``metrics`` of ``step``, timestamped now (when they were measured, not when flushed)."""
+        self.rows.append((step, dict(metrics), time.time()))
 
     def flush(self, c, run_id: str) -> None:
-        rows = [(s, m) for s, m in self.rows if s > self.logged_through]
+        rows = [r for r in self.rows if r[0] > self.logged_through]
         if rows:
             log_metrics(c, run_id, rows)
-            self.logged_through = max(s for s, _ in rows)
+            self.logged_through = max(r[0] for r in rows)
             c.set_tag(run_id, LOGGED_THROUGH_TAG, str(self.logged_through))
         self.rows = []
+
+
+def register_version(c, name: str, run_id: str, tags: dict, metrics: dict) -> str:
+    """Register the run's ``student`` artifact as a version of ``name`` (once per run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(name)
+    except MlflowException:
+        c.create_registered_model(name, description="CDM 4-step students")
+    for mv in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        return mv.version
+    run = c.get_run(run_id)
+    mv_tags = {**tags, **{k: f"{v:.6g}" for k, v in metrics.items()}, "cdm.mlflow_run_id": run_id}
+    mv = c.create_model_version(name, f"{run.info.artifact_uri}/student", run_id=run_id, tags=mv_tags)
+    return mv.version
+
+
+def promote(c, name: str, version: str | None, source: str, alias: str, note: str) -> str:
+    """Point ``alias`` at ``version`` (default: the version aliased ``source``) and tag the version with
+    ``note`` (the command that did it). Returns the version; bad names raise ValueError."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        v = version or c.get_model_version_by_alias(name, source).version
+        c.get_model_version(name, v)
+        c.set_registered_model_alias(name, alias, v)
+        c.set_model_version_tag(name, v, f"cdm.promoted_to.{alias}", note)
+    except MlflowException as e:
+        raise ValueError(f"promote: {e.message.splitlines()[0]}") from None
+    return v

@@ -1,8 +1,9 @@
-"""Model folders in diffusers format: ``transformer/``, ``scheduler/`` and ``cdm_model.json``.
+"""The model loader: diffusers folders (``transformer/``, ``scheduler/``, ``cdm_model.json``) -> a family's
+model handle. The one module besides ``cdm_core.models`` that names a model class.
 
 ``cdm_model.json`` records what diffusers' folders do not: the text encoder, the data domain, the
-inference sampler (levels and shift) and how the weights were made. SD3-Medium folders (no
-``cdm_model.json``) load through the same class.
+inference sampler (levels and shift) and how the weights were made. The family comes from the
+transformer's ``_class_name`` (``FAMILIES``); SD3-Medium folders (no ``cdm_model.json``) load the same way.
 """
 
 from __future__ import annotations
@@ -13,7 +14,17 @@ from pathlib import Path
 
 import torch
 
+from cdm_core.models import Family, SD3Family
+
 META_FILE = "cdm_model.json"
+FAMILIES: dict[str, Family] = {"SD3Transformer2DModel": SD3Family()}  # diffusers class -> adapter
+CLASS_OF = {f.name: cls for cls, f in FAMILIES.items()}  # family name ("sd3") -> diffusers class
+
+
+def _model_class(class_name: str):
+    from diffusers import SD3Transformer2DModel
+
+    return {"SD3Transformer2DModel": SD3Transformer2DModel}[class_name]
 
 
 class ModelFolderError(ValueError):
@@ -34,7 +45,7 @@ class ModelMeta:
     provenance: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelMeta":
+    def from_dict(cls, d: dict) -> ModelMeta:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -66,16 +77,77 @@ def read_meta(path: str | Path) -> ModelMeta:
     return meta
 
 
-def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """``SD3Transformer2DModel.from_pretrained(path/transformer)``, eval mode, frozen."""
-    from diffusers import SD3Transformer2DModel
-
+def class_name_of(path: str | Path) -> str:
+    """The diffusers class of a folder's transformer, checked against the families this platform knows."""
     p = check_model_folder(path)
     try:
-        model = SD3Transformer2DModel.from_pretrained(str(p / "transformer"), torch_dtype=dtype)
+        name = json.loads((p / "transformer" / "config.json").read_text()).get("_class_name", "")
+    except json.JSONDecodeError as e:
+        raise ModelFolderError(f"{p / 'transformer' / 'config.json'} is not valid JSON: {e}") from None
+    if name not in FAMILIES:
+        raise ModelFolderError(
+            f"{p}: transformer class {name or '(none)'!r} is not a supported family "
+            f"(supported: {', '.join(sorted(FAMILIES))})"
+        )
+    return name
+
+
+def family_of(path: str | Path) -> Family:
+    return FAMILIES[class_name_of(path)]
+
+
+def load_transformer(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The folder's transformer (``from_pretrained(path/transformer)``), eval mode, frozen."""
+    p = check_model_folder(path)
+    cls = _model_class(class_name_of(p))
+    try:
+        model = cls.from_pretrained(str(p / "transformer"), torch_dtype=dtype)
     except Exception as e:  # diffusers raises several types for broken folders
         raise ModelFolderError(f"could not load {p / 'transformer'}: {e}") from None
     return model.to(device).eval().requires_grad_(False)
+
+
+def new_model(family: str, config: dict) -> torch.nn.Module:
+    """A freshly initialised model of a family (``"sd3"``) from its transformer config (the built-in teacher's
+    training starts here)."""
+    if family not in CLASS_OF:
+        raise ModelFolderError(f"unknown model family {family!r} (known: {', '.join(sorted(CLASS_OF))})")
+    return _model_class(CLASS_OF[family])(**config)
+
+
+def empty_like(path: str | Path) -> torch.nn.Module:
+    """A model with the folder's transformer config and fresh weights (what an exported EMA is loaded into)."""
+    p = check_model_folder(path)
+    cls = _model_class(class_name_of(p))
+    return cls.from_config(cls.load_config(str(p / "transformer")))
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model with its family and meta: the velocity and sample shape the maths needs."""
+
+    module: torch.nn.Module
+    family: Family
+    meta: ModelMeta
+
+    def velocity(self):
+        return self.family.velocity(self.module)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.family.sample_shape(dict(self.module.config))
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    module: torch.nn.Module | None = None,
+) -> ModelHandle:
+    """Open a model folder: its transformer (or ``module``, e.g. an in-memory EMA of that folder's model),
+    its family adapter and its meta."""
+    net = module if module is not None else load_transformer(path, device, dtype)
+    return ModelHandle(net, family_of(path), read_meta(path))
 
 
 def save_model_folder(model: torch.nn.Module, path: str | Path, meta: ModelMeta) -> Path:

@@ -1,6 +1,6 @@
 """Data-parallel processes for single-job trainers (``cdm teacher train``) launched by ``torchrun``.
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m workflows.cli teacher train ...
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m cdm_cli teacher train ...
 
 ``torchrun`` sets ``WORLD_SIZE``/``RANK``/``LOCAL_RANK``; without them everything here is a no-op for one
 process. Gradients go through DDP (NCCL on GPUs, gloo on CPUs). Wall-time decisions (the learning rate

@@ -10,7 +10,7 @@ keeps ``checkpoint.pt`` in its output folder).
 
 Several processes (data parallel, gradients averaged by DDP; ``batch_size`` is the global batch):
 
-    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m workflows.cli teacher train ...
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node 2 -m cdm_cli teacher train ...
 
 Learning rate: linear warm-up, then a cosine decay to 0. With ``max_minutes`` > 0 the decay is paced by
 whichever runs out first, the step count or the wall-time budget, so a time-limited run still ends with
@@ -27,12 +27,13 @@ import torch
 
 from cdm_core.ema import EMA
 from cdm_core.flow import flow_matching_loss
-from cdm_core.models.sd3 import SD3Velocity, tiny_sd3_config
+from cdm_core.models import SD3Family, tiny_sd3_config
+from cdm_core.seeds import replica_seed
 from workflows.config import TeacherTrainConfig
 from workflows.embeddings import encode_prompts
 from workflows.fashion_mnist import load_split
-from workflows.model_folder import ModelMeta, load_transformer, save_model_folder
 from workflows.files import save_atomic
+from workflows.model_folder import ModelMeta, load_transformer, new_model, save_model_folder
 from workflows.process_group import Group, init_from_env
 from workflows.progress import StepLogger, console
 from workflows.prompts import TRAIN_TEMPLATES, train_prompts
@@ -79,9 +80,7 @@ def _train(cfg: TeacherTrainConfig, out: Path, command: str, pg: Group) -> Path:
     cond_table, empty = table.index(slice(0, -1)), table.index(slice(-1, None))
     n_tmpl = len(TRAIN_TEMPLATES)
 
-    from diffusers import SD3Transformer2DModel
-
-    model = SD3Transformer2DModel(**tiny_sd3_config(**cfg.model.model_dump()))
+    model = new_model(SD3Family.name, tiny_sd3_config(**cfg.model.model_dump()))
     if cfg.init_from:
         init = load_transformer(cfg.init_from)
         if init.config.sample_size != model.config.sample_size or init.config.num_layers != model.config.num_layers:
@@ -91,9 +90,8 @@ def _train(cfg: TeacherTrainConfig, out: Path, command: str, pg: Group) -> Path:
     model = model.to(dev).train()
     ema = EMA(model, cfg.ema_decay)
     # fused AdamW: one kernel for all parameters (this model is launch-bound on a GPU)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            fused=dev.type == "cuda")
-    v_fn = SD3Velocity(pg.wrap(model))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=dev.type == "cuda")
+    v_fn = SD3Family.velocity(pg.wrap(model))
     budget_s = 60.0 * cfg.max_minutes
 
     step, elapsed_before = 0, 0.0
@@ -111,7 +109,7 @@ def _train(cfg: TeacherTrainConfig, out: Path, command: str, pg: Group) -> Path:
         elapsed_before = float(state.get("elapsed_s", 0.0))
         say(f"resuming teacher training from {ckpt} at step {step}")
     if pg.distributed:  # each replica draws its own batches: a stream per (seed, rank, start step)
-        torch.manual_seed(cfg.seed + 1_000_003 * (pg.rank + 1) + step)
+        torch.manual_seed(replica_seed(cfg.seed, pg.rank, step))
 
     def save_ckpt() -> None:
         pg.check_replicas_agree(model)  # every rank: a drift stops the run before it is saved
@@ -131,8 +129,9 @@ def _train(cfg: TeacherTrainConfig, out: Path, command: str, pg: Group) -> Path:
             ckpt,
         )
 
-    log = StepLogger(cfg.steps, "teacher", cfg.log_every, start=step,
-                     budget_s=budget_s - elapsed_before if budget_s > 0 else None)
+    log = StepLogger(
+        cfg.steps, "teacher", cfg.log_every, start=step, budget_s=budget_s - elapsed_before if budget_s > 0 else None
+    )
     t0 = time.time()
 
     def elapsed() -> float:
@@ -176,8 +175,10 @@ def _train(cfg: TeacherTrainConfig, out: Path, command: str, pg: Group) -> Path:
         if step % cfg.checkpoint_every == 0 or done:
             save_ckpt()
     if step < cfg.steps:
-        say(f"teacher: time budget spent at step {step} of {cfg.steps} "
-            f"(max_minutes={cfg.max_minutes}); the learning-rate decay is complete")
+        say(
+            f"teacher: time budget spent at step {step} of {cfg.steps} "
+            f"(max_minutes={cfg.max_minutes}); the learning-rate decay is complete"
+        )
 
     meta = ModelMeta(
         shift=cfg.shift,
@@ -190,7 +191,7 @@ def _train(cfg: TeacherTrainConfig, out: Path, command: str, pg: Group) -> Path:
             "wall_s": round(elapsed(), 1),
             "device": str(dev),
             "processes": pg.world,
-            **({"launcher": f"torchrun --nproc_per_node {pg.world} -m workflows.cli (= cdm)"} if pg.world > 1 else {}),
+            **({"launcher": f"torchrun --nproc_per_node {pg.world} -m cdm_cli (= cdm)"} if pg.world > 1 else {}),
         },
     )
     folder = out / "model"

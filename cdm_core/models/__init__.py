@@ -1,5 +1,26 @@
-"""Model adapters: turn a family's network into a velocity callable ``v(x_t, t, cond)``."""
+"""Model families: one small adapter per family, exposing what the maths needs.
 
-from cdm_core.models.sd3 import SD3Velocity, tiny_sd3_config
+An adapter has ``name``, ``velocity(module) -> v(x_t, t, cond)`` and ``sample_shape(config) -> (C, H, W)``.
+The one loader that opens a model folder and picks the family is ``workflows.model_folder``; no other
+module names a model class.
+"""
 
-__all__ = ["SD3Velocity", "tiny_sd3_config"]
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from cdm_core.models.sd3 import SD3Family, SD3Velocity, tiny_sd3_config
+
+
+class Family(Protocol):
+    name: str
+
+    def velocity(self, model: torch.nn.Module) -> Callable: ...
+
+    def sample_shape(self, config: dict) -> tuple[int, int, int]: ...
+
+
+__all__ = ["Family", "SD3Family", "SD3Velocity", "tiny_sd3_config"]

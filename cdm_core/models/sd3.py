@@ -33,6 +33,25 @@ class SD3Velocity:
         return out
 
 
+class SD3Family:
+    """What the maths needs from an SD3-class model: its velocity callable and the shape it samples in.
+
+    ``config`` is the transformer's config (a dict, as diffusers writes ``transformer/config.json``).
+    Conditioning is :class:`~cdm_core.conditioning.Cond` (token states + pooled vector), batched along dim 0.
+    """
+
+    name = "sd3"
+
+    @staticmethod
+    def velocity(model: torch.nn.Module) -> SD3Velocity:
+        return SD3Velocity(model)
+
+    @staticmethod
+    def sample_shape(config: dict) -> tuple[int, int, int]:
+        """(C, H, W) of one sample: pixels for the built-in teacher, latents for SD3-Medium."""
+        return (int(config["in_channels"]), int(config["sample_size"]), int(config["sample_size"]))
+
+
 def tiny_sd3_config(
     sample_size: int = 32,
     channels: int = 1,

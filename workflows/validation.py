@@ -1,0 +1,64 @@
+"""What rank 0 of a distillation job looks at while it trains: validation metrics and sample grids.
+
+Validation: ``cdm.sampler_steps``-step samples of the EMA student on the held-out prompts with noise seed
+``eval.val_seed`` (never a test seed), scored by both judges and the pixel panel like the final evaluation.
+Sample grids: the first 10 training prompts x 4 fixed seeds, logged to MLflow as PNG artifacts.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cdm_core.sampling import sample
+
+
+class Validator:
+    def __init__(self, cfg, family, shape: tuple[int, int, int], dev):
+        from workflows.config import DEFAULT_EVALUATOR, DEFAULT_JUDGE2
+        from workflows.evaluation import eval_set
+        from workflows.evaluator import Evaluator
+
+        self.es = eval_set(cfg.eval.val_n_samples, cfg.eval.val_seed, shape)
+        self.steps, self.shift = cfg.cdm.sampler_steps, cfg.cdm.shift
+        self.family = family
+        self.ev = Evaluator.load(DEFAULT_EVALUATOR)
+        self.ev2 = Evaluator.load(DEFAULT_JUDGE2)
+        self.dev = dev
+
+    @torch.no_grad()
+    def __call__(self, ema) -> dict[str, float]:
+        from workflows.evaluation import generate, score
+
+        model = ema.shadow.to(self.dev)
+        was_training = model.training
+        model.eval()
+        imgs = generate(self.family.velocity(model), self.es, self.steps, self.shift, 1.0, 500, self.dev)
+        model.train(was_training)
+        return {f"val_{k}": float(v) for k, v in score(self.ev, imgs, self.es.labels, None, self.ev2).items()}
+
+
+@torch.no_grad()
+def log_sample_grid(
+    c, run_id: str, ema, family, student_steps: int, prompts, empty, shape, dev, steps: int, shift: float
+) -> None:
+    """EMA samples of the first 10 prompts x 4 seeds at the student's sampler levels, as a PNG artifact."""
+    from workflows.images import save_grid
+
+    k = min(10, len(prompts))
+    rows = torch.arange(k).repeat(4)
+    g = torch.Generator().manual_seed(1234)
+    noise = torch.randn((rows.numel(), *shape[1:]), generator=g).to(dev)
+    x = sample(
+        family.velocity(ema.shadow.to(dev)),
+        noise,
+        steps,
+        shift,
+        prompts.index(rows).to(dev),
+        empty.expand(rows.numel()).to(dev),
+    )
+    with tempfile.TemporaryDirectory() as d:
+        p = save_grid(x.float().cpu(), Path(d) / f"samples_step_{student_steps:08d}.png", nrow=k)
+        c.log_artifact(run_id, str(p), "samples")
