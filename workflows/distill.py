@@ -113,6 +113,15 @@ class Job:
     embeddings: Path | None  # None until prepare() computed them
 
 
+def resume_point(cfg: DistillConfig) -> Path | None:
+    """The newest checkpoint of the job, checked (``checkpoints.check``: one clear error when it is corrupt)."""
+    ckpt = checkpoints.latest(Path(cfg.storage_path).expanduser().resolve() / job_key(cfg))
+    if ckpt is not None:
+        checkpoints.check(ckpt)
+        console.print(f"\\[cdm] job {job_key(cfg)}: resuming from {ckpt}")
+    return ckpt
+
+
 def open_job(
     cfg: DistillConfig,
     command: str = "",
@@ -131,10 +140,8 @@ def open_job(
     storage = Path(cfg.storage_path).expanduser().resolve()
     job_dir = storage / key
     uri = lineage.tracking_uri(cfg.mlflow.tracking_uri)
-    ckpt = checkpoints.latest(job_dir)
-    if ckpt is not None and check_resume:
-        checkpoints.check(ckpt)
-        console.print(f"\\[cdm] job {key}: resuming from {ckpt}")
+    if check_resume:
+        resume_point(cfg)
     t_hash = folder_hash(teacher)
     c = lineage.client(uri)
     submission = lineage.ray_job_id()
@@ -172,8 +179,10 @@ def prepare(
     (:func:`open_job`) and the prompt embeddings (computed once per teacher and prompt list)."""
     prompts = load_prompts(cfg)
     teacher_path(cfg)
+    if check_resume:  # before Ray starts: a corrupt checkpoint is one error line, not a cluster start-up
+        resume_point(cfg)
     init_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
-    job = open_job(cfg, command, parent_run_id, extra_tags, check_resume)
+    job = open_job(cfg, command, parent_run_id, extra_tags, check_resume=False)
     job.embeddings = prompt_embeddings(prompts, job.teacher_hash, job.storage)
     return job
 
