@@ -78,13 +78,21 @@ def print_run_summary(cfg: DistillConfig, summary: dict) -> None:
     from workflows.progress import console
 
     job_dir = Path(summary["checkpoint"]).parent
+    rows = comparison_rows(cfg, summary)
     console.print(
         comparison_table(
-            comparison_rows(cfg, summary),
+            rows,
             f"N={cfg.eval.n_samples}, test seeds {cfg.eval.seeds}; "
             f"selection on validation seed {cfg.eval.val_seed} only",
         )
     )
+    names = list(rows)
+    passed, lines = quality_gate(rows[names[-1]], rows[names[0]])
+    console.print(
+        f"quality gate against the teacher's {cfg.cdm.sampler_steps}-step Euler: {'passed' if passed else 'NOT passed'}"
+    )
+    for ln in lines:
+        console.print(f"  {ln}")
     console.print(f"student (diffusers folder): {summary['student_folder']}")
     console.print(
         f"registered: {summary['model']} version {summary['version']} (MLflow {summary['tracking_uri']}, "
@@ -94,3 +102,27 @@ def print_run_summary(cfg: DistillConfig, summary: dict) -> None:
         f"checkpoints: {job_dir}   grids: {job_dir / 'eval' / 'grid.png'}, "
         f"{job_dir / 'teacher-4steps-eval' / 'grid.png'}"
     )
+
+
+# The quality gate of a student against the teacher's own few-step Euler (same steps, same evaluation set):
+# both judges' FD must be lower, and the pixel panel within its band of the real split's value.
+GATE_LOWER = ("fd", "fd2")
+GATE_BANDS = {"near_white": (0.5, 2.0), "edge_energy": (0.8, 1.25)}  # x the real split's value
+
+
+def quality_gate(student: dict, teacher: dict, lower=GATE_LOWER, bands=None) -> tuple[bool, list[str]]:
+    """(passed, one line per check) for evaluation results (``evaluate_folder`` dicts with ``{k: {"mean"}}``)."""
+    from workflows.pixel_reference import pixel_reference
+
+    ref = pixel_reference().to_dict()
+    lines, ok = [], True
+    for k in lower:
+        s, t = student[k]["mean"], teacher[k]["mean"]
+        ok &= s < t
+        lines.append(f"{'pass' if s < t else 'FAIL'}  {k} {s:.4f} < teacher {t:.4f}")
+    for k, (lo, hi) in (GATE_BANDS if bands is None else bands).items():
+        r = student[k]["mean"] / ref[k]
+        inside = lo <= r <= hi
+        ok &= inside
+        lines.append(f"{'pass' if inside else 'FAIL'}  {k} {r:.2f}x real (band {lo:g}-{hi:g}x)")
+    return bool(ok), lines
