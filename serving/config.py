@@ -2,7 +2,8 @@
 
 ``ServeArgs`` is fixed for a deployment's life (what is served and the request limits);
 ``BatchingConfig`` is the deployment's ``user_config``: Serve applies a change to running replicas
-through ``reconfigure`` without restarting them.
+through ``reconfigure`` without restarting them. The request limits here are what the API enforces and what its
+OpenAPI document declares (``serving.openapi``), so a deployment with other limits shows other bounds.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pydantic import Field, field_validator
 from workflows.config import Strict
 
 NATIVE_SCALES = (1, 2, 4, 8)  # OpenAI ``size`` may ask for the native size or these upscales (nearest)
+PROMPT_CACHE_SIZE = 4096  # default entries of a replica's prompt-embedding cache
+PROMPT_CACHE_MB = 256.0  # ... and its default memory bound
 
 
 class ServeArgs(Strict):
@@ -44,6 +47,16 @@ class ServeArgs(Strict):
         0.0005, gt=0.0, le=0.1, description="sys.setswitchinterval in replicas (Python default 0.005)"
     )
     cache_dir: str | None = Field(None, description="where models:/ artifacts are downloaded (default ~/.cache/cdm)")
+    max_body_bytes: int = Field(1 << 20, ge=1024, le=64 << 20, description="request bodies beyond this get 413")
+    prompt_cache_size: int = Field(
+        PROMPT_CACHE_SIZE, ge=0, le=1_000_000, description="prompt embeddings kept per replica (LRU); 0 turns it off"
+    )
+    prompt_cache_mb: float = Field(
+        PROMPT_CACHE_MB,
+        gt=0.0,
+        le=65536.0,
+        description="memory bound of the prompt cache (a large encoder's states are big)",
+    )
 
     @field_validator("allowed_steps")
     @classmethod

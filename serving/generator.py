@@ -3,7 +3,8 @@
 Used by the Serve deployment and, unchanged, by the in-process ceiling of ``benchmarks/serve_load.py``.
 Image ``i`` of a request with seed ``s`` is row ``i`` of ``randn((n, C, H, W), Generator(s))``, so a
 request's images do not depend on what else shares its batch (forwards are padded to
-``min_forward_batch`` rows for the same reason).
+``min_forward_batch`` rows for the same reason). Prompts go through the replica's prompt-embedding cache
+(:class:`serving.prompt_cache.PromptCache`, default size as the service's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 
 from cdm_core.conditioning import Cond
 from cdm_core.sampling import sample
+from serving.config import PROMPT_CACHE_MB, PROMPT_CACHE_SIZE
+from serving.prompt_cache import PromptCache
 from workflows.images import to_uint8
 
 
@@ -29,7 +32,14 @@ class Job:
 
 
 class Generator:
-    def __init__(self, folder: str, min_forward_batch: int = 4, device: str = "cpu"):
+    def __init__(
+        self,
+        folder: str,
+        min_forward_batch: int = 4,
+        device: str = "cpu",
+        cache_size: int = PROMPT_CACHE_SIZE,
+        cache_mb: float = PROMPT_CACHE_MB,
+    ):
         from workflows.model_folder import load_model, read_meta
         from workflows.text_encoder import TextEncoder
 
@@ -44,6 +54,8 @@ class Generator:
         self.encoder = TextEncoder(max_tokens=self.meta.max_tokens, device=device)
         self.device = device
         self.min_forward_batch = min_forward_batch
+        encoder_id = f"{self.meta.text_encoder}:{self.meta.max_tokens}"
+        self.prompt_cache = PromptCache(self.encoder.encode, encoder_id, cache_size, int(cache_mb * 2**20))
 
     def noise(self, job: Job) -> torch.Tensor:
         out = []
@@ -64,7 +76,7 @@ class Generator:
             by_steps.setdefault(job.steps, []).append(i)
         for steps, idx in by_steps.items():
             prompts = sorted({p for i in idx for p in jobs[i].prompts})
-            emb = self.encoder.encode(prompts)
+            emb = self.prompt_cache.encode(prompts)
             pos = {p: k for k, p in enumerate(prompts)}
             rows = torch.tensor([pos[p] for i in idx for p in jobs[i].prompts for _ in range(jobs[i].n)])
             noise = torch.cat([self.noise(jobs[i]) for i in idx])

@@ -1,5 +1,9 @@
 """``cdm serve``: read ``deploy/serve.yaml``, override what the command line says, run the application
-with Ray Serve and block until interrupted. ``serve run deploy/serve.yaml`` runs the same file."""
+with Ray Serve and block until interrupted. ``serve run deploy/serve.yaml`` runs the same file.
+
+Both start Serve's controller with the file's ``controller_options``, which install ``serving.failover`` in the
+HTTP proxies (``cdm serve`` adds it when the file lacks it). On a cluster whose Serve controller already runs,
+the options of the running controller stay: start that cluster's Serve with them once."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from serving.config import BatchingConfig, ServeArgs
+from serving.failover import controller_options
 from workflows.config import ConfigError, build
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "serve.yaml"
@@ -100,7 +105,7 @@ def serve_forever(
     if not ray.is_initialized():
         addr = os.environ.get("RAY_ADDRESS")
         ray.init(address=addr) if addr else ray.init(include_dashboard=False)
-    serve.start(http_options=http)
+    serve.start(http_options=http, controller_options=controller_options(data.get("controller_options")))
     console.print(f"\\[cdm] deploying {args['model']} as application '{app.get('name', 'cdm')}'")
     serve.run(
         application(args, app.get("deployments")),

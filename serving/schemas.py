@@ -1,14 +1,33 @@
 """HTTP request bodies. Limits come from :class:`serving.config.ServeArgs` and are checked by the
 ``check_*`` functions below (prompts, n, steps, size), so one schema serves every deployment; pydantic
-checks types and shapes."""
+checks types and shapes, as JSON Schema reads them (an integer field takes ``2`` or ``2.0``, never ``"2"``
+or ``true``). ``serving.openapi`` declares the same limits in the OpenAPI document."""
 
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from serving.config import NATIVE_SCALES, ServeArgs
+
+NON_BLANK = r"\S"  # a prompt needs one non-whitespace character (the OpenAPI ``pattern`` of every prompt)
+SEED_MAX = 2**63 - 1
+FREE_TEXT_CHARS = 1000  # the OpenAI fields accepted for compatibility and ignored (quality, style, user)
+
+
+def _json_int(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError("Input should be a valid integer")
+    if isinstance(v, float) and not v.is_integer():
+        raise ValueError("Input should be a valid integer, got a number with a fractional part")
+    return int(v)
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_int)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_json_int)]
+FreeText = Annotated[str, Field(max_length=FREE_TEXT_CHARS)]
 
 
 class BadRequest(ValueError):
@@ -25,14 +44,14 @@ class ImagesRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     prompt: str
     model: str | None = None
-    n: int = 1
+    n: JsonInt = 1
     size: str | None = None
     response_format: Literal["b64_json"] = "b64_json"
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    seed: Seed | None = None
     # accepted for client compatibility, no effect on a 4-step student:
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
+    quality: FreeText | None = None
+    style: FreeText | None = None
+    user: FreeText | None = None
 
 
 class GenerateRequest(BaseModel):
@@ -40,14 +59,19 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: str | list[str]
-    n: int = 1
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    steps: int | None = None
+    n: JsonInt = 1
+    seed: Seed | None = None
+    steps: JsonInt | None = None
     format: Literal["png", "json"] = "json"
 
 
 def native_sizes(image_size: int) -> list[str]:
     return [f"{image_size * k}x{image_size * k}" for k in NATIVE_SCALES]
+
+
+def max_n(args: ServeArgs) -> int:
+    """The largest ``n`` any request may ask for (one prompt); more prompts lower it (``max_images``)."""
+    return min(args.max_n, args.max_images)
 
 
 def check_prompts(prompts: list[str], args: ServeArgs, param: str = "prompt") -> list[str]:
@@ -56,16 +80,20 @@ def check_prompts(prompts: list[str], args: ServeArgs, param: str = "prompt") ->
     if len(prompts) > args.max_prompts:
         raise BadRequest(param, f"{param}: {len(prompts)} prompts, at most {args.max_prompts} per request")
     for p in prompts:
-        if not p.strip():
+        if not re.search(NON_BLANK, p):
             raise BadRequest(param, f"{param}: empty prompt")
         if len(p) > args.max_prompt_chars:
             raise BadRequest(param, f"{param}: prompt of {len(p)} characters, at most {args.max_prompt_chars}")
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): no text encoder takes it
+            raise BadRequest(param, f"{param}: not valid Unicode text (a lone surrogate)") from None
     return prompts
 
 
 def check_n(n: int, n_prompts: int, args: ServeArgs) -> int:
-    if not 1 <= n <= args.max_n:
-        raise BadRequest("n", f"n: {n} is out of range 1..{args.max_n}")
+    if not 1 <= n <= max_n(args):
+        raise BadRequest("n", f"n: {n} is out of range 1..{max_n(args)}")
     if n * n_prompts > args.max_images:
         raise BadRequest("n", f"n: {n} images x {n_prompts} prompts exceeds {args.max_images} images per request")
     return n
@@ -83,5 +111,5 @@ def check_size(size: str | None, image_size: int) -> int:
         return image_size
     sizes = native_sizes(image_size)
     if size not in sizes:
-        raise BadRequest("size", f"size: {size!r} is not supported; use one of {sizes}")
+        raise BadRequest("size", f"size: not supported; use one of {sizes}")
     return int(size.split("x")[0])

@@ -1,12 +1,16 @@
 """What is served: resolve ``models:/<name>@<alias>`` (or ``/<version>``) or a local folder to a local
-model folder plus its registry identity, and record on the model version where it is served."""
+model folder plus its registry identity, and record on the model version where it is served.
+
+Only :meth:`ServedModel.public` leaves the service (``GET /v1/models``, headers): registry name, version, alias,
+run id and the teacher's name and content hash. The folder, the artifact URI and the tracking URI are the server's
+own business (a path on its disk, a database location) and stay inside."""
 
 from __future__ import annotations
 
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from workflows import lineage
@@ -17,23 +21,45 @@ _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[A-Za-z0-9_-]+)|/(?P<
 
 @dataclass
 class ServedModel:
-    """Identity of the served weights, returned by ``GET /v1/models`` and sent in response headers."""
+    """Identity of the served weights; ``public()`` is what ``GET /v1/models`` and the response headers show."""
 
     name: str
     version: str
     alias: str | None
     run_id: str | None
-    teacher: str | None
-    source: str
-    folder: str
-    tracking_uri: str | None = None
+    teacher: str | None  # as recorded: often the teacher folder's absolute path
+    source: str  # internal: the artifact URI or folder
+    folder: str  # internal: the local folder loaded
+    tracking_uri: str | None = None  # internal
+    teacher_hash: str | None = None
     extra: dict = field(default_factory=dict)
 
     def public(self) -> dict:
-        d = asdict(self)
-        d.pop("folder")
-        d.pop("extra")
-        return d
+        return {
+            "name": self.name,
+            "version": self.version,
+            "alias": self.alias,
+            "run_id": self.run_id,
+            "teacher": teacher_name(self.teacher),
+            "teacher_hash": self.teacher_hash,
+        }
+
+    def names(self) -> list[str]:
+        """Every ``model`` value a request may name this model by."""
+        ok = {self.name, f"models:/{self.name}/{self.version}", f"{self.name}/{self.version}"}
+        if self.alias:
+            ok |= {f"{self.name}@{self.alias}", f"models:/{self.name}@{self.alias}"}
+        return sorted(ok)
+
+
+def teacher_name(ref: str | None) -> str | None:
+    """A teacher reference without where it lies: a folder or URI -> its last part; a hub id ``org/name`` stays."""
+    if not ref:
+        return None
+    ref = ref.rstrip("/\\")
+    if "://" in ref or ref.startswith(("/", "~", ".")) or "\\" in ref or ref.count("/") > 1 or ":" in ref:
+        return re.split(r"[/\\:]", ref)[-1] or None
+    return ref
 
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
@@ -63,6 +89,7 @@ def resolve(model: str, tracking_uri: str | None = None, cache_dir: str | None =
             teacher=prov.get("teacher"),
             source=str(folder.resolve()),
             folder=str(folder.resolve()),
+            teacher_hash=prov.get("teacher_hash"),
         )
     from mlflow.exceptions import MlflowException
 
@@ -97,6 +124,7 @@ def resolve(model: str, tracking_uri: str | None = None, cache_dir: str | None =
         source=mv.source,
         folder=str(dest),
         tracking_uri=uri,
+        teacher_hash=(mv.tags or {}).get("cdm.teacher_hash"),
     )
 
 

@@ -1,22 +1,29 @@
 """Real Ray Serve over HTTP on 127.0.0.1, serving a registered model version (the built-in teacher's
-weights registered in a tmp sqlite MLflow store and aliased ``champion``) at 4 steps."""
+weights registered in a tmp sqlite MLflow store and aliased ``champion``) at 4 steps, with
+``serving.failover`` in Serve's proxy as ``deploy/serve.yaml`` installs it."""
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
+import re
 import signal
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
 
 APP = "cdmtest"
 NAME = "cdm-serve-test"
+FAILOVER_WAIT_S = 3  # short, so that losing the last replica is answered 503 within the test
+FAILOVERS_SEEN = []  # requests the kill test saw resent (the metrics test then looks for the proxy's counter)
 
 
 def _free_port() -> int:
@@ -40,27 +47,39 @@ def registry(tmp_path_factory):
     c.log_artifacts(run.info.run_id, str(DEFAULT_TEACHER), "student")
     c.set_terminated(run.info.run_id)
     c.create_registered_model(NAME)
-    mv = c.create_model_version(
-        NAME, f"{run.info.artifact_uri}/student", run_id=run.info.run_id, tags={"cdm.teacher": str(DEFAULT_TEACHER)}
-    )
+    tags = {"cdm.teacher": str(DEFAULT_TEACHER), "cdm.teacher_hash": "0123abcd"}
+    mv = c.create_model_version(NAME, f"{run.info.artifact_uri}/student", run_id=run.info.run_id, tags=tags)
     c.set_registered_model_alias(NAME, "champion", mv.version)
-    return {"uri": uri, "client": c, "version": str(mv.version), "run_id": run.info.run_id, "cache": str(d / "cache")}
+    hidden = [str(d), str(DEFAULT_TEACHER), str(Path(__file__).resolve().parent.parent), str(Path.home()), sys.prefix]
+    hidden = [h for h in hidden if len(h) > 4]  # the server's directories: none may appear in an answer
+    return {
+        "uri": uri,
+        "client": c,
+        "version": str(mv.version),
+        "run_id": run.info.run_id,
+        "cache": str(d / "cache"),
+        "hidden": hidden,
+    }
 
 
 @pytest.fixture(scope="module")
 def service(ray_cluster, registry):
+    """``deploy(args=None, **deployment_options)`` (re)deploys the app and waits for its replicas; the URL."""
     from ray import serve
 
+    from serving.failover import controller_options
     from serving.launch import application, resolve_args
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = resolve_args(
-        {"cache_dir": registry["cache"], "app_name": APP}, f"models:/{NAME}@champion", registry["uri"], url
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        controller_options=controller_options(CDM_FAILOVER_WAIT_S=str(FAILOVER_WAIT_S)),
     )
 
-    def deploy(**opts):
+    def deploy(args: dict | None = None, **opts):
+        base_args = {"cache_dir": registry["cache"], "app_name": APP, **(args or {})}
+        app_args = resolve_args(base_args, f"models:/{NAME}@champion", registry["uri"], url)
         base = {
             "name": "ImageService",
             "num_replicas": 1,
@@ -76,7 +95,7 @@ def service(ray_cluster, registry):
             base.pop("num_replicas")
         else:
             base["autoscaling_config"] = None
-        serve.run(application(args, [base]), name=APP, route_prefix="/", blocking=False)
+        serve.run(application(app_args, [base]), name=APP, route_prefix="/", blocking=False)
         _wait_running(serve, base.get("num_replicas", 1))
         return url
 
@@ -109,6 +128,26 @@ def _png(b64: str):
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
+# What must never leave the service: a path of two or more segments that is not part of a URL, base64 or a route;
+# a database / artifact URI; a stack trace; the test's own directories.
+PATHLIKE = re.compile(r"(?<![\w.+=:/#@-])/(?:[\w.@-]+/)+[\w.@-]+")
+URI = re.compile(r"\b(?:sqlite|file|mlflow-artifacts|s3|gs|hdfs|dbfs|runs):", re.IGNORECASE)
+TRACE = re.compile(r"Traceback \(most recent call last\)|File \"[^\"]+\", line \d+")
+ROUTES = {"/v1/images/generations", "/v1/models", "/docs/oauth2-redirect"}  # the service's own URLs
+
+
+def _assert_no_leaks(r: requests.Response, hidden: list[str]) -> None:
+    texts = [f"{k}: {v}" for k, v in r.headers.items()]
+    if not r.headers.get("content-type", "").startswith("image/"):
+        texts.append(r.text)
+    for text in texts:
+        paths = set(PATHLIKE.findall(text)) - ROUTES
+        assert not paths, (r.request.method, r.request.url, sorted(paths)[:5])
+        assert not URI.search(text) and not TRACE.search(text), (r.request.url, text[:300])
+        for h in hidden:
+            assert h not in text, (r.request.url, h)
+
+
 def test_routes_and_lineage(service, registry):
     _, url = service
     h = requests.get(f"{url}/healthz", timeout=30)
@@ -116,7 +155,9 @@ def test_routes_and_lineage(service, registry):
     assert h.headers["X-CDM-Model"] == NAME and h.headers["X-CDM-Model-Version"] == registry["version"]
     models = requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]
     assert (models["id"], models["version"], models["alias"]) == (NAME, registry["version"], "champion")
-    assert models["run_id"] == registry["run_id"] and models["teacher"]
+    assert models["run_id"] == registry["run_id"]
+    assert (models["teacher"], models["teacher_hash"]) == ("teacher-tiny", "0123abcd")
+    assert not {"source", "tracking_uri", "folder"} & set(models), models
     assert "/v1/images/generations" in requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]
 
     r = requests.post(
@@ -125,7 +166,7 @@ def test_routes_and_lineage(service, registry):
         timeout=60,
     )
     assert r.status_code == 200, r.text
-    assert r.headers["X-CDM-Model-Version"] == registry["version"]
+    assert r.headers["X-CDM-Model-Version"] == registry["version"] and r.headers["X-CDM-Attempts"] == "1"
     data = r.json()["data"]
     assert len(data) == 3 and _png(data[0]["b64_json"]).size == (64, 64)
 
@@ -185,16 +226,43 @@ def test_concurrent_requests_are_batched(service):
     assert max(sizes) > 1, sizes
 
 
+def test_prompt_cache_hits_show_in_healthz(service):
+    _, url = service
+
+    def cache():
+        return requests.get(f"{url}/healthz", timeout=30).json()["prompt_cache"]
+
+    probe = f"a bag, cache probe {time.time_ns()}"
+
+    def gen(seed):
+        r = requests.post(f"{url}/generate", json={"prompt": probe, "seed": seed, "format": "png"}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.content
+
+    before = cache()
+    first, _, again = gen(3), gen(4), gen(3)
+    after = cache()
+    assert (after["misses"] - before["misses"], after["hits"] - before["hits"]) == (1, 2), (before, after)
+    assert first == again  # a hit gives the bits of a miss: the seed still decides the bytes
+    assert 0 < after["size"] <= after["capacity"] == 4096 and after["bytes"] > 0
+    assert 0 < after["hit_rate"] <= 1
+
+
 BAD = [
     ("/v1/images/generations", {"prompt": ""}, 400, "prompt"),
     ("/v1/images/generations", {"prompt": "   "}, 400, "prompt"),
     ("/v1/images/generations", {"prompt": "x" * 513}, 400, "prompt"),
+    ("/v1/images/generations", {"prompt": "\ud800"}, 400, "prompt"),
     ("/v1/images/generations", {"prompt": "a bag", "n": 0}, 400, "n"),
     ("/v1/images/generations", {"prompt": "a bag", "n": 9}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "a bag", "n": "2"}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "a bag", "n": True}, 400, "n"),
+    ("/v1/images/generations", {"prompt": "a bag", "n": 2.5}, 400, "n"),
     ("/v1/images/generations", {"prompt": "a bag", "size": "1024x1024"}, 400, "size"),
     ("/v1/images/generations", {"prompt": "a bag", "response_format": "url"}, 400, "response_format"),
     ("/v1/images/generations", {"prompt": "a bag", "model": "dall-e-3"}, 404, "model"),
     ("/v1/images/generations", {"prompt": "a bag", "seed": -1}, 400, "seed"),
+    ("/v1/images/generations", {"prompt": "a bag", "seed": 2**63}, 400, "seed"),
     ("/v1/images/generations", {"prompt": "a bag", "colour": "red"}, 400, "colour"),
     ("/v1/images/generations", {"n": 1}, 400, "prompt"),
     ("/v1/images/generations", [1, 2], 400, "body"),
@@ -217,6 +285,11 @@ def test_bad_requests_name_the_field(service, route, body, status, param):
     assert err["param"] == param and param in err["message"], err
 
 
+def _chunks(total: int, size: int = 64 << 10):
+    for _ in range(total // size):
+        yield b" " * size
+
+
 def test_malformed_json_and_oversized_body(service):
     _, url = service
     r = requests.post(f"{url}/generate", data=b"{not json", headers={"content-type": "application/json"}, timeout=30)
@@ -225,10 +298,166 @@ def test_malformed_json_and_oversized_body(service):
         f"{url}/generate", data=b"x" * (2 << 20), headers={"content-type": "application/json"}, timeout=30
     )
     assert r.status_code == 413 and r.json()["error"]["param"] == "body"
+    # no content-length (chunked): counted as it arrives
+    r = requests.post(
+        f"{url}/generate", data=_chunks(2 << 20), headers={"content-type": "application/json"}, timeout=30
+    )
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
+    chunked = (c for c in [b'{"prompt": ', b'"a bag"}'])
+    small = requests.post(f"{url}/generate", data=chunked, headers={"content-type": "application/json"}, timeout=60)
+    assert small.status_code == 200, small.text
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
 
 
-def test_flood_beyond_the_queue_gets_503_then_service_recovers(service):
+def test_nothing_internal_leaves_the_service(service, registry):
+    """Every route, success and error paths: no path, URI, stack trace or directory of the server in any body or
+    header (image bodies excepted, their headers checked)."""
+    _, url = service
+    ct = {"content-type": "application/json"}
+    calls = [
+        ("GET", "/healthz", {}),
+        ("GET", "/v1/models", {}),
+        ("GET", "/openapi.json", {}),
+        ("GET", "/docs", {}),
+        ("GET", "/no/such/route", {}),
+        ("DELETE", "/v1/models", {}),
+        ("POST", "/v1/images/generations", {"json": {"prompt": "a bag", "seed": 1, "model": f"models:/{NAME}/1"}}),
+        ("POST", "/v1/images/generations", {"json": {"prompt": "a bag", "model": f"models:/{NAME}/99"}}),
+        ("POST", "/generate", {"json": {"prompt": ["a bag", "a coat"], "seed": 1}}),
+        ("POST", "/generate", {"json": {"prompt": "a bag", "format": "png"}}),
+        ("POST", "/generate", {"data": b"{not json", "headers": ct}),
+        ("POST", "/generate", {"data": b'{"prompt": "a bag", "n": }', "headers": ct}),
+        ("POST", "/generate", {"data": b"x" * (2 << 20), "headers": ct}),
+        ("POST", "/generate", {"data": _chunks(2 << 20), "headers": ct}),
+        (
+            "POST",
+            "/generate",
+            {"data": b"prompt=a+bag", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        ),
+        *[("POST", route, {"json": body}) for route, body, _, _ in BAD],
+    ]
+    for method, route, kw in calls:
+        r = requests.request(method, f"{url}{route}", timeout=60, **kw)
+        assert r.status_code < 500, (route, r.status_code, r.text[:200])
+        _assert_no_leaks(r, registry["hidden"])
+        if r.status_code >= 400:
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
+
+
+# --- the OpenAPI document against the validation: each declared bound at, just inside and just outside ---
+
+
+def _valid(schema: dict):
+    if "anyOf" in schema:
+        return _valid(next(s for s in schema["anyOf"] if s.get("type") != "null"))
+    if "enum" in schema:
+        return schema["enum"][0]
+    t = schema.get("type")
+    if t == "integer":
+        return schema.get("minimum", 1)
+    if t == "array":
+        return [_valid(schema["items"])] * max(schema.get("minItems", 1), 1)
+    return "x" * max(schema.get("minLength", 1), 1)  # strings (every pattern here is "\S")
+
+
+def _values(schema: dict) -> list:
+    """Values at, just inside and just outside each bound a (sub)schema declares, and of wrong types."""
+    if "anyOf" in schema:
+        return [v for s in schema["anyOf"] for v in _values(s)]
+    t = schema.get("type")
+    if "enum" in schema:
+        e = schema["enum"]
+        if t == "integer":
+            gaps = [x for x in range(min(e), max(e)) if x not in e]
+            return [*e, min(e) - 1, max(e) + 1, *gaps[:1], float(e[0]), str(e[0])]
+        return [*e, f"not-{e[0]}", 1]
+    if t == "null":
+        return [None]
+    if t == "integer":
+        out = [str(_valid(schema)), True, 1.5]
+        for bound, inward in ((schema.get("minimum"), 1), (schema.get("maximum"), -1)):
+            if bound is not None:
+                out += [bound, bound + inward, bound - inward, float(bound)]
+        return out
+    if t == "string":
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength")
+        out = [3, "x" * max(lo, 1)] + (["x" * (lo - 1)] if lo else [])
+        if hi is not None:
+            out += ["x" * hi, "x" * (hi - 1), "x" * (hi + 1), "x" * (hi - 1) + " "]
+        if "pattern" in schema:
+            out += [" " * max(lo, 1), "\t\n"]
+        return out
+    if t == "array":
+        item, lo, hi = _valid(schema["items"]), schema.get("minItems", 0), schema.get("maxItems")
+        out = [[item] * lo, [item] * (lo + 1), {"a": 1}]
+        out += [[item] * (lo - 1)] if lo else []
+        out += [[item] * hi, [item] * (hi + 1)] if hi is not None else []
+        return out + [[v] for v in _values(schema["items"]) if v != item]
+    return []
+
+
+def _boundary_cases(doc: dict, route: str) -> list[tuple[str, object]]:
+    ref = doc["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+    base = {k: _valid(schema["properties"][k]) for k in schema.get("required", [])}
+    cases: list[tuple[str, object]] = [("base", base), ("unknown field", {**base, "zzz": 1}), ("array body", [base])]
+    cases += [(f"without {k}", {j: v for j, v in base.items() if j != k}) for k in base]
+    for name, prop in schema["properties"].items():
+        cases += [(f"{name}={json.dumps(v)[:40]}", {**base, name: v}) for v in _values(prop)]
+    return cases
+
+
+def _assert_api_agrees_with_schema(url: str, hidden: list[str]) -> dict:
+    from jsonschema import Draft202012Validator
+
+    doc = requests.get(f"{url}/openapi.json", timeout=30).json()
+    seen = {}
+    for route in ("/v1/images/generations", "/generate"):
+        ref = doc["paths"][route]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        schema = doc["components"]["schemas"][ref.rsplit("/", 1)[1]]
+        check = Draft202012Validator(schema)
+        max_images = schema.get("x-cdm-max-images")
+        for label, body in _boundary_cases(doc, route):
+            ok = check.is_valid(body)
+            if ok and max_images and isinstance(body, dict):  # the documented cross-field rule
+                prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+                ok = body.get("n", 1) * len(prompts) <= max_images
+            r = requests.post(f"{url}{route}", json=body, timeout=120)
+            expected = {200} if ok else {400, 404}
+            assert r.status_code in expected, (route, label, ok, r.status_code, r.text[:300])
+            _assert_no_leaks(r, hidden)
+            seen[(route, ok)] = seen.get((route, ok), 0) + 1
+        limit = doc["paths"][route]["post"]["requestBody"]["x-cdm-max-body-bytes"]
+        body = json.dumps(_boundary_cases(doc, route)[0][1]).encode()
+        at, over = body + b" " * (limit - len(body)), body + b" " * (limit + 1 - len(body))
+        ct = {"content-type": "application/json"}
+        assert requests.post(f"{url}{route}", data=at, headers=ct, timeout=60).status_code == 200
+        assert requests.post(f"{url}{route}", data=over, headers=ct, timeout=60).status_code == 413
+    assert all(seen.get((r, ok), 0) >= 5 for r in ("/v1/images/generations", "/generate") for ok in (True, False))
+    return doc
+
+
+def test_openapi_declares_the_bounds_the_api_enforces(service, registry):
+    deploy, url = service
+    doc = _assert_api_agrees_with_schema(url, registry["hidden"])
+    gen = doc["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert gen["n"]["maximum"] == 8 and gen["steps"]["anyOf"][0]["enum"] == [1, 2, 4]
+    assert doc["info"]["x-cdm-limits"]["max_body_bytes"] == 1 << 20
+    other = {"max_n": 3, "max_images": 5, "max_prompts": 2, "max_prompt_chars": 40}
+    deploy(args={**other, "allowed_steps": [1, 3], "default_steps": 3, "max_body_bytes": 4096})
+    try:
+        doc = _assert_api_agrees_with_schema(url, registry["hidden"])
+        schemas = doc["components"]["schemas"]
+        gen, img = schemas["GenerateRequest"], schemas["ImagesRequest"]["properties"]
+        assert (gen["properties"]["n"]["maximum"], img["n"]["maximum"], gen["x-cdm-max-images"]) == (3, 3, 5)
+        assert gen["properties"]["steps"]["anyOf"][0]["enum"] == [1, 3]
+        assert gen["properties"]["prompt"]["anyOf"][1]["maxItems"] == 2 and img["prompt"]["maxLength"] == 40
+        assert doc["paths"]["/generate"]["post"]["requestBody"]["x-cdm-max-body-bytes"] == 4096
+    finally:
+        deploy()
+
+
+def test_flood_beyond_the_queue_gets_503_then_service_recovers(service, registry):
     deploy, url = service
     deploy(
         max_ongoing_requests=1, max_queued_requests=2, user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
@@ -239,9 +468,13 @@ def test_flood_beyond_the_queue_gets_503_then_service_recovers(service):
             return requests.post(f"{url}/generate", json={"prompt": "a bag", "n": 8, "seed": i}, timeout=120)
 
         with ThreadPoolExecutor(40) as ex:
-            codes = [r.status_code for r in ex.map(call, range(80))]
+            rs = list(ex.map(call, range(80)))
+        codes = [r.status_code for r in rs]
         assert 503 in codes and 200 in codes, codes
         assert set(codes) <= {200, 503}, codes
+        for r in (r for r in rs if r.status_code == 503):  # the proxy's answer, in the service's error shape
+            assert r.json()["error"]["code"] == "overloaded" and int(r.headers["Retry-After"]) >= 1, r.text
+            _assert_no_leaks(r, registry["hidden"])
         assert call(0).status_code == 200
     finally:
         deploy()
@@ -292,32 +525,157 @@ def test_autoscaling_up_under_load_and_back_down(service):
     deploy()
 
 
-def test_killed_replica_is_replaced_and_serving_continues(service):
+# --- failover: SIGKILL a replica under concurrent load ---
+
+LOAD = [  # seeded requests: the seed decides the bytes, so a resent request must give the same bytes
+    ("/generate", {"prompt": "a bag", "seed": 11, "format": "png"}),
+    ("/generate", {"prompt": ["a coat", "a shirt"], "n": 2, "seed": 12, "format": "png"}),
+    ("/v1/images/generations", {"prompt": "a sandal", "n": 2, "seed": 13, "size": "64x64"}),
+]
+
+
+def _image_bytes(r: requests.Response) -> bytes:
+    if r.headers["content-type"].startswith("image/png"):
+        return r.content
+    return b"".join(base64.b64decode(d["b64_json"]) for d in r.json()["data"])
+
+
+def _under_load(url: str, threads: int, until, pause_s: float = 0.0) -> list[tuple[int, requests.Response]]:
+    """Send ``LOAD`` round-robin from ``threads`` threads until ``until()`` is true; (request index, response)."""
+    stop, out = threading.Event(), []
+
+    def loop(k):
+        i = k
+        while not stop.is_set():
+            route, body = LOAD[i % len(LOAD)]
+            out.append((i % len(LOAD), requests.post(f"{url}{route}", json=body, timeout=120)))
+            i += 1
+            time.sleep(pause_s)
+
+    workers = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
+    for w in workers:
+        w.start()
+    try:
+        until()
+    finally:
+        stop.set()
+        for w in workers:
+            w.join()
+    return out
+
+
+def _pids(url: str, n: int) -> set[int]:
+    pids: set[int] = set()
+    deadline = time.time() + 60
+    while len(pids) < n and time.time() < deadline:
+        pids.add(requests.get(f"{url}/healthz", timeout=30).json()["pid"])
+    assert len(pids) == n, pids
+    return pids
+
+
+def test_replica_killed_under_load_fails_over_without_500s(service):
+    """SIGKILL one of two replicas while requests are in flight: each is resent to the live one, none gets a 500,
+    the replica is replaced, and every answer has the bytes the seed decides."""
     from ray import serve
 
     deploy, url = service
     deploy(num_replicas=2)
-    pids = set()
-    deadline = time.time() + 60
-    while len(pids) < 2 and time.time() < deadline:
-        pids.add(requests.get(f"{url}/healthz", timeout=30).json()["pid"])
-    assert len(pids) == 2
+    reference = [_image_bytes(requests.post(f"{url}{route}", json=body, timeout=60)) for route, body in LOAD]
+    pids = _pids(url, 2)
     victim = sorted(pids)[0]
-    os.kill(victim, signal.SIGKILL)
-    codes = []
-    deadline = time.time() + 120
     new_pids: set[int] = set()
-    while time.time() < deadline:
-        r = requests.post(f"{url}/generate", json={"prompt": "a bag", "seed": 1}, timeout=60)
-        codes.append(r.status_code)
-        new_pids.add(requests.get(f"{url}/healthz", timeout=30).json()["pid"])
-        running = _replicas(serve).get("RUNNING", 0)
-        if len(new_pids - {victim}) == 2 and running == 2 and len(codes) >= 10:
-            break
-        time.sleep(0.2)
+
+    def kill_and_wait_for_replacement():
+        time.sleep(1.5)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.time()
+        while time.time() < t_kill + 120:
+            new_pids.add(requests.get(f"{url}/healthz", timeout=30).json()["pid"])
+            if len(new_pids - pids) >= 1 and _replicas(serve).get("RUNNING", 0) == 2 and time.time() > t_kill + 5:
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+
+    out = _under_load(url, 6, kill_and_wait_for_replacement)
+    codes = [r.status_code for _, r in out]
+    assert set(codes) == {200}, sorted(set(codes))
     assert victim not in new_pids and len(new_pids - pids) >= 1, (pids, new_pids)
-    assert codes.count(200) >= 0.9 * len(codes) and codes[-5:] == [200] * 5, codes
+    assert all(_image_bytes(r) == reference[i] for i, r in out)
+    resent = [r for _, r in out if int(r.headers["X-CDM-Attempts"]) > 1]
+    assert resent, "no request was in flight on the killed replica"
+    FAILOVERS_SEEN.extend(resent)
     deploy()
+
+
+def test_losing_the_last_replica_is_503_with_retry_after_then_recovers(service, registry):
+    """SIGKILL the only replica under load: requests in flight wait ``FAILOVER_WAIT_S`` for a live replica, then
+    get 503 + Retry-After (never a 500); the replacement then serves the same bytes."""
+    from ray import serve
+
+    deploy, url = service
+    reference = [_image_bytes(requests.post(f"{url}{route}", json=body, timeout=60)) for route, body in LOAD]
+    (victim,) = _pids(url, 1)
+
+    def kill_and_wait_for_replacement():
+        time.sleep(1.0)
+        os.kill(victim, signal.SIGKILL)
+        t_kill = time.time()
+        while time.time() < t_kill + 120:
+            if (
+                _replicas(serve) == {"RUNNING": 1}
+                and requests.get(f"{url}/healthz", timeout=60).json()["pid"] != victim
+            ):
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)
+
+    out = _under_load(url, 4, kill_and_wait_for_replacement)
+    codes = [r.status_code for _, r in out]
+    assert set(codes) <= {200, 503} and 503 in codes, codes
+    for _, r in out:
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "unavailable" and int(r.headers["Retry-After"]) >= 1, r.text
+            _assert_no_leaks(r, registry["hidden"])
+    assert all(_image_bytes(r) == reference[i] for i, r in out if r.status_code == 200)
+    route, body = LOAD[0]
+    assert _image_bytes(requests.post(f"{url}{route}", json=body, timeout=60)) == reference[0]
+
+
+def test_metrics_are_exported_with_the_model_version(service, registry):
+    """The replica's metrics (and the proxy's failover counter, when the kill test ran) reach Ray's Prometheus
+    endpoint, tagged with the served model and version."""
+    import ray
+
+    _, url = service
+    probe = f"a coat, metrics probe {time.time_ns()}"
+    for seed in (1, 2):
+        assert requests.post(f"{url}/generate", json={"prompt": probe, "seed": seed}, timeout=60).status_code == 200
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    want = {
+        "ray_cdm_images_generated_total",
+        "ray_cdm_batch_requests_bucket",
+        "ray_cdm_batch_images_bucket",
+        "ray_cdm_queue_wait_ms_bucket",
+        "ray_cdm_sampler_ms_bucket",
+        "ray_cdm_prompt_cache_hits_total",
+        "ray_cdm_prompt_cache_misses_total",
+        "ray_cdm_prompt_cache_entries",
+    }
+    tagged = f'model="{NAME}"'
+    version = f'model_version="{registry["version"]}"'
+    failover = "ray_cdm_failover_retries_total" if FAILOVERS_SEEN else None
+    found: set[str] = set()
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_cdm_")]
+        found = {ln.split("{")[0] for ln in lines if tagged in ln and version in ln}
+        found |= {ln.split("{")[0] for ln in lines if ln.startswith("ray_cdm_failover_")}
+        if want <= found and (failover is None or failover in found):
+            break
+        time.sleep(2)
+    assert want <= found, sorted(want - found)
+    assert failover is None or failover in found, sorted(found)
 
 
 @pytest.mark.parametrize(
@@ -329,6 +687,7 @@ def test_killed_replica_is_replaced_and_serving_continues(service):
         ),
         (lambda d: d["applications"][0]["deployments"][0]["user_config"].update(max_batch_size=0), "max_batch_size"),
         (lambda d: d["applications"][0]["args"].update(max_n=0), "max_n"),
+        (lambda d: d["applications"][0]["args"].update(prompt_cache_size=-1), "prompt_cache_size"),
         (lambda d: d["applications"][0]["args"].update(colour="red"), "colour: unknown field"),
         (lambda d: d.update(applications=[]), "exactly one application"),
     ],
@@ -345,3 +704,16 @@ def test_bad_serve_config_is_rejected_naming_the_field(tmp_path, edit, needle):
     p.write_text(yaml.safe_dump(data))
     with pytest.raises(ValueError, match=needle):
         load_serve_config(p)
+
+
+def test_shipped_config_installs_the_failover_in_the_proxy():
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from serving.failover import CALLBACK, CALLBACK_ENV, controller_options
+    from serving.launch import DEFAULT_CONFIG
+
+    cfg = ServeDeploySchema.model_validate(yaml.safe_load(DEFAULT_CONFIG.read_text()))
+    assert cfg.controller_options.runtime_env["env_vars"][CALLBACK_ENV] == CALLBACK
+    merged = controller_options({"runtime_env": {"env_vars": {"OTHER": "1"}}}, CDM_FAILOVER_WAIT_S=5)
+    assert merged["runtime_env"]["env_vars"] == {"OTHER": "1", "CDM_FAILOVER_WAIT_S": "5", CALLBACK_ENV: CALLBACK}
