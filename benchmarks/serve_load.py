@@ -171,7 +171,13 @@ def main() -> None:
     ceiling = inprocess(folder, sorted(set([1, 8, 32] + conc)), seconds=min(5.0, a.duration))
 
     ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    from serving.failover import controller_options
+
+    # the service as deployed: its proxies run the failover of deploy/serve.yaml
+    serve.start(
+        http_options={"host": "127.0.0.1", "port": port},
+        controller_options=controller_options(cfg.get("controller_options")),
+    )
     deployments = [dict(d) for d in app_cfg.get("deployments") or []]
     dep = deployments[0] if deployments else {"name": "ImageService"}
     wait = a.batch_wait if a.batch_wait is not None else (dep.get("user_config") or {}).get("batch_wait_timeout_s", 0.0)
