@@ -314,6 +314,7 @@ def _aggregate(group: list[dict]) -> dict:
 
     if len(group) == 1:
         r = dict(group[0])
+        r["name"] = r["name"].split(SEED_SUFFIX)[0]
         r["train_seeds"] = [r.get("cdm", {}).get("seed", 0)] if r.get("cdm") else []
         r["spread"] = "evaluation seeds"
         return r
