@@ -143,6 +143,13 @@ async def _closed_loop(url: str, concurrency: int, duration: float, warmup: floa
     }
 
 
+def free_port() -> int:
+    """A loopback port nobody listens on now (for the service and for the peer)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def server_cpu_s() -> float:
     """CPU seconds the machine spent outside this process (the load generator): the server's, whatever its
     processes (uvicorn; or Serve's proxy, replicas, controller, raylet and GCS)."""
@@ -167,9 +174,7 @@ def peer(folder: str, conc: list[int], duration: float, warmup: float) -> list[d
     import subprocess
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "benchmarks" / "peer_server.py"), "--model", str(folder), "--port", str(port)]
@@ -218,9 +223,7 @@ def main() -> None:
     conc = [int(c) for c in a.concurrency.split(",")]
     cfg = load_serve_config(a.config)
     app_cfg = cfg["applications"][0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     args = resolve_args(app_cfg.get("args") or {}, a.model, None, url)
     folder = resolve(args["model"], args.get("tracking_uri")).folder

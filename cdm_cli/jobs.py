@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Optional
 
 import typer
@@ -32,7 +31,7 @@ def distill_cmd(
     """
 
     from workflows.config import load_config
-    from workflows.distill import job_key, load_prompts, resources, run_distill, teacher_path
+    from workflows.distill import job_key, load_prompts, resources, run_distill, storage_dir, teacher_path
     from workflows.distill_config import DistillConfig
     from workflows.lineage import tracking_uri
 
@@ -48,7 +47,7 @@ def distill_cmd(
                     "job_key": job_key(cfg),
                     "teacher": str(teacher),
                     "prompts": n_prompts,
-                    "storage": str(Path(cfg.storage_path).resolve() / job_key(cfg)),
+                    "storage": str(storage_dir(cfg) / job_key(cfg)),
                     "tracking_uri": uri,
                     "resources": resources(cfg),
                 },

@@ -113,12 +113,19 @@ class Job:
     embeddings: Path | None  # None until prepare() computed them
 
 
+def storage_dir(cfg: DistillConfig) -> Path:
+    """Where the job's checkpoints and embeddings live: ``storage_path``, resolved (the job's folder is
+    ``storage_dir(cfg) / job_key(cfg)``)."""
+    return Path(cfg.storage_path).expanduser().resolve()
+
+
 def resume_point(cfg: DistillConfig) -> Path | None:
     """The newest checkpoint of the job, checked (``checkpoints.check``: one clear error when it is corrupt)."""
-    ckpt = checkpoints.latest(Path(cfg.storage_path).expanduser().resolve() / job_key(cfg))
+    key = job_key(cfg)
+    ckpt = checkpoints.latest(storage_dir(cfg) / key)
     if ckpt is not None:
         checkpoints.check(ckpt)
-        console.print(f"\\[cdm] job {job_key(cfg)}: resuming from {ckpt}")
+        console.print(f"\\[cdm] job {key}: resuming from {ckpt}")
     return ckpt
 
 
@@ -137,7 +144,7 @@ def open_job(
 
     teacher = teacher_path(cfg)
     key = job_key(cfg)
-    storage = Path(cfg.storage_path).expanduser().resolve()
+    storage = storage_dir(cfg)
     job_dir = storage / key
     uri = lineage.tracking_uri(cfg.mlflow.tracking_uri)
     if check_resume:
