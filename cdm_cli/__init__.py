@@ -1,6 +1,7 @@
 """The ``cdm`` command line.
 
-    cdm run                                    # the main job on the embedded default
+    cdm run                                    # the main job on the embedded default (= cdm pipeline)
+    cdm pipeline --config tiny                 # distill, evaluate, gate, promote, serve, smoke, summary
     cdm teacher train --config teacher-tiny    # train the built-in teacher
     cdm evaluator train                        # train the evaluator's feature network
     cdm eval MODEL_DIR --steps 4               # score any model folder
@@ -49,6 +50,8 @@ def user_errors(fn):
     def wrapper(*a, **kw):
         try:
             return fn(*a, **kw)
+        except typer.Exit:  # click's Exit is a RuntimeError: a command's own exit code passes through
+            raise
         except USER_ERRORS as e:
             if os.environ.get("CDM_DEBUG"):
                 raise

@@ -1,4 +1,5 @@
-"""Jobs on Ray: ``cdm distill``, ``cdm run`` (the main job on the embedded default) and ``cdm sweep``."""
+"""Jobs on Ray: ``cdm distill``, ``cdm pipeline``, ``cdm run`` (the pipeline on the embedded default) and
+``cdm sweep``."""
 
 from __future__ import annotations
 
@@ -61,18 +62,82 @@ def distill_cmd(
     console.print_json(json.dumps(summary))
 
 
+GATE_FAILED_EXIT = 3  # `cdm pipeline` / `cdm run`: the student was registered but not promoted
+
+
+def _pipeline(config: str, set_, serve_config, port, keep_serving, no_serve) -> None:
+    from serving.smoke import block_until_interrupted, serve_and_smoke
+    from workflows.config import load_config
+    from workflows.distill_config import DistillConfig
+    from workflows.pipeline import GateFailed, run_pipeline
+
+    cfg = load_config(DistillConfig, config, set_)
+    _threads()
+    try:
+        out = run_pipeline(
+            cfg,
+            command=_command_line(),
+            serve_config=serve_config,
+            port=port,
+            keep_serving=keep_serving,
+            serve_stage=None if no_serve else serve_and_smoke,
+        )
+    except GateFailed as e:
+        typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(GATE_FAILED_EXIT) from None
+    if keep_serving and out.get("smoke"):
+        block_until_interrupted()
+
+
+_SERVE_CONFIG = typer.Option(None, "--serve-config", help="Serve config YAML (default deploy/serve.yaml)")
+_PORT = typer.Option(None, min=1, max=65535, help="HTTP port of the service (default: the config's, or a free one)")
+_KEEP = typer.Option(False, "--keep-serving", help="leave the service up after the smoke request (Ctrl-C stops)")
+_NO_SERVE = typer.Option(False, "--no-serve", help="skip the serve stage and its smoke request")
+
+
+@app.command("pipeline")
+@user_errors
+def pipeline_cmd(
+    config: str = typer.Option("tiny", help="distillation preset under configs/ or a YAML path"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. --set gate.factor=0.9"),
+    serve_config: Optional[str] = _SERVE_CONFIG,
+    port: Optional[int] = _PORT,
+    keep_serving: bool = _KEEP,
+    no_serve: bool = _NO_SERVE,
+):
+    """Distill -> evaluate against the teacher -> register -> quality gate -> alias `champion` -> serve ->
+    smoke request -> summary (table, PNG grid, lineage), in one command.
+
+    Each stage writes its output under `<storage>/<job key>/pipeline/`; running the same command again skips
+    what is done (rerun = resume). The gate (`gate:` in the config: `lower`, `factor`, `bands`, `alias`)
+    compares the student with the teacher's own few-step Euler on the same test set. When it fails the
+    version stays registered without the alias, the command exits with code 3, and
+    `cdm promote NAME --version V --force` is the human override.
+
+    Examples:
+
+    ```
+    cdm pipeline --config tiny
+    cdm pipeline --config tiny --keep-serving --port 8080
+    cdm pipeline --config tiny --set gate.factor=0.5 --no-serve
+    ```
+    """
+    _pipeline(config, set_, serve_config, port, keep_serving, no_serve)
+
+
 @app.command("run")
 @user_errors
 def run_cmd(
     config: str = typer.Option("tiny", help="distillation preset"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. --set train.student_steps=50"),
+    keep_serving: bool = _KEEP,
 ):
-    """The main job on the embedded default: distill the built-in teacher, then compare.
+    """The main job on the embedded default: `cdm pipeline --config tiny`.
 
-    Runs `cdm distill --config tiny` (local Ray, DeepSpeed, MLflow in ./mlflow.db, checkpoints in
-    ./runs), evaluates the built-in teacher on the same evaluation set at 4 Euler steps and at 100 NFE
-    (50 steps x CFG, the paper's reference; cached after the first run), and prints the three side by
-    side, both judges and the pixel panel, with where every output went.
+    Distills the built-in teacher (local Ray, DeepSpeed, MLflow in ./mlflow.db, checkpoints in ./runs),
+    evaluates it beside the teacher at 4 Euler steps and at 100 NFE (50 steps x CFG; cached after the first
+    run), gates it, aliases it `champion`, serves it with Ray Serve for one smoke request, stops the service
+    and prints the summary and how to serve the result.
 
     Example:
 
@@ -81,15 +146,7 @@ def run_cmd(
     cdm run --set train.student_steps=50
     ```
     """
-    from workflows.compare import print_run_summary
-    from workflows.config import load_config
-    from workflows.distill import run_distill
-    from workflows.distill_config import DistillConfig
-
-    cfg = load_config(DistillConfig, config, set_)
-    summary = run_distill(cfg, command=_command_line())
-    _threads()
-    print_run_summary(cfg, summary)
+    _pipeline(config, set_, None, None, keep_serving, False)
 
 
 @app.command("sweep")

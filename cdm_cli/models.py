@@ -118,21 +118,26 @@ def promote_cmd(
     source: str = typer.Option("candidate", help="alias to promote from"),
     alias: str = typer.Option("champion", help="alias to set"),
     tracking_uri: Optional[str] = typer.Option(None, help="default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db"),
+    force: bool = typer.Option(False, help="promote a version whose quality gate failed (tagged as forced)"),
 ):
     """Point an alias (default `champion`, what `cdm serve` serves) at a model version.
+
+    A version that `cdm pipeline` gated as failed (tag `cdm.gate`) is refused unless `--force`, which is
+    recorded on the version (`cdm.promoted_to.<alias>.forced`).
 
     Example:
 
     ```
     cdm promote cdm-tiny-student                 # candidate -> champion
     cdm promote cdm-tiny-student --version 3
+    cdm promote cdm-tiny-student --version 3 --force
     ```
     """
     from workflows import lineage
 
     c = lineage.client(lineage.tracking_uri(tracking_uri))
-    v = lineage.promote(c, name, version, source, alias, _command_line())
-    typer.echo(f"{name}@{alias} -> version {v}")
+    v = lineage.promote(c, name, version, source, alias, _command_line(), force=force)
+    typer.echo(f"{name}@{alias} -> version {v}{' (forced past a failed gate)' if force else ''}")
 
 
 @app.command("serve")

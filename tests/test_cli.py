@@ -15,7 +15,7 @@ def run(*args, timeout=300):
 def test_help_lists_commands():
     out = run("--help")
     assert out.returncode == 0
-    for cmd in ("run", "eval", "sample", "teacher", "evaluator", "distill", "sweep", "promote", "serve"):
+    for cmd in ("run", "pipeline", "eval", "sample", "teacher", "evaluator", "distill", "sweep", "promote", "serve"):
         assert cmd in out.stdout
 
 
@@ -23,6 +23,7 @@ def test_help_lists_commands():
     "cmd",
     [
         ["run"],
+        ["pipeline"],
         ["eval"],
         ["sample"],
         ["teacher", "train"],
@@ -139,6 +140,23 @@ def test_promote_moves_champion_to_the_candidate(tmp_path):
     assert bad.returncode == 2 and len(err) == 1 and err[0].startswith("error: promote:"), bad.stderr
 
 
+def test_promote_refuses_a_version_that_failed_the_gate_unless_forced(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(tracking_uri=uri)
+    c.create_registered_model("m")
+    v = c.create_model_version("m", str(tmp_path / "a"), tags={"cdm.gate": "failed", "cdm.gate.report": "FAIL  fd2"})
+    out = run("promote", "m", "--version", str(v.version), "--tracking-uri", uri)
+    err = [ln for ln in out.stderr.splitlines() if ln.strip()]
+    assert out.returncode == 2 and len(err) == 1 and "failed the quality gate" in err[0] and "--force" in err[0]
+    assert "champion" not in c.get_registered_model("m").aliases
+    out = run("promote", "m", "--version", str(v.version), "--tracking-uri", uri, "--force")
+    assert out.returncode == 0, out.stderr
+    assert c.get_model_version_by_alias("m", "champion").version == v.version
+    assert c.get_model_version("m", v.version).tags["cdm.promoted_to.champion.forced"].startswith("true")
+
+
 def _examples() -> list[tuple[str, list[str]]]:
     """(command path, argv after ``cdm``) of every fenced example in every command's help, including the
     ``ray job submit ... -- cdm ...`` and ``torchrun ... -m cdm_cli ...`` forms."""
@@ -186,7 +204,7 @@ def test_every_help_example_parses_and_its_config_resolves():
         for w in words:  # descend to the leaf command; click then parses its options and arguments
             cmd = cmd.commands[w]
         p = cmd.make_context(path, list(argv[len(words) :])).params
-        if path in ("distill", "run", "teacher train") or path == "sweep":
+        if path in ("distill", "run", "pipeline", "teacher train") or path == "sweep":
             if path == "sweep":
                 from tuning.sweep_config import load_sweep
 
@@ -216,6 +234,7 @@ def test_set_option_help_examples_resolve():
     loaders = {
         "distill": lambda s: load_config(DistillConfig, "tiny", s),
         "run": lambda s: load_config(DistillConfig, "tiny", s),
+        "pipeline": lambda s: load_config(DistillConfig, "tiny", s),
         "sweep": lambda s: load_sweep("sweep-tiny", s),
         "teacher": lambda s: load_config(TeacherTrainConfig, "teacher-tiny", s),
     }

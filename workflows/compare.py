@@ -1,4 +1,4 @@
-"""The student against its teacher on the same evaluation set: what ``cdm run`` prints at the end.
+"""The student against its teacher on the same evaluation set: the rows and the quality gate of ``cdm pipeline``.
 
 Rows: the teacher at the student's step count (4 Euler steps, 4 NFE), the built-in teacher at 100 NFE (50 steps
 x CFG, the paper's reference; cached after its first run) and the exported student; both judges and the
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from workflows.config import EvalConfig, build
-from workflows.distill_config import DistillConfig
+from workflows.distill_config import DistillConfig, GateSection
 
 TEACHER_CFG = 2.0  # benchmarks/results/teacher.json: cfg_selection.best_cfg (chosen on validation seed 100)
 PANEL_ROWS = [
@@ -74,53 +74,22 @@ def comparison_table(rows: dict[str, dict], caption: str):
     return t
 
 
-def print_run_summary(cfg: DistillConfig, summary: dict) -> None:
-    from workflows.progress import console
-
-    job_dir = Path(summary["checkpoint"]).parent
-    rows = comparison_rows(cfg, summary)
-    console.print(
-        comparison_table(
-            rows,
-            f"N={cfg.eval.n_samples}, test seeds {cfg.eval.seeds}; "
-            f"selection on validation seed {cfg.eval.val_seed} only",
-        )
-    )
-    names = list(rows)
-    passed, lines = quality_gate(rows[names[-1]], rows[names[0]])
-    console.print(
-        f"quality gate against the teacher's {cfg.cdm.sampler_steps}-step Euler: {'passed' if passed else 'NOT passed'}"
-    )
-    for ln in lines:
-        console.print(f"  {ln}")
-    console.print(f"student (diffusers folder): {summary['student_folder']}")
-    console.print(
-        f"registered: {summary['model']} version {summary['version']} (MLflow {summary['tracking_uri']}, "
-        f"run {summary['run_id']})"
-    )
-    console.print(
-        f"checkpoints: {job_dir}   grids: {job_dir / 'eval' / 'grid.png'}, "
-        f"{job_dir / 'teacher-4steps-eval' / 'grid.png'}"
-    )
-
-
-# The quality gate of a student against the teacher's own few-step Euler (same steps, same evaluation set):
-# both judges' FD must be lower, and the pixel panel within its band of the real split's value.
-GATE_LOWER = ("fd", "fd2")
-GATE_BANDS = {"near_white": (0.5, 2.0), "edge_energy": (0.8, 1.25)}  # x the real split's value
-
-
-def quality_gate(student: dict, teacher: dict, lower=GATE_LOWER, bands=None) -> tuple[bool, list[str]]:
-    """(passed, one line per check) for evaluation results (``evaluate_folder`` dicts with ``{k: {"mean"}}``)."""
+def quality_gate(student: dict, teacher: dict, gate: GateSection | None = None) -> tuple[bool, list[str]]:
+    """(passed, one line per check) for evaluation results (``evaluate_folder`` dicts with ``{k: {"mean"}}``)
+    against the teacher's own few-step Euler on the same test set; the rule is ``gate`` (``DistillConfig.gate``)."""
     from workflows.pixel_reference import pixel_reference
 
+    gate = gate or GateSection()
     ref = pixel_reference().to_dict()
     lines, ok = [], True
-    for k in lower:
-        s, t = student[k]["mean"], teacher[k]["mean"]
+    for k in gate.lower:
+        if k not in student or k not in teacher:
+            raise ValueError(f"gate.lower: {k} was not evaluated (set eval.reference_steps for mse_to_teacher100)")
+        s, t = student[k]["mean"], teacher[k]["mean"] * gate.factor
         ok &= s < t
-        lines.append(f"{'pass' if s < t else 'FAIL'}  {k} {s:.4f} < teacher {t:.4f}")
-    for k, (lo, hi) in (GATE_BANDS if bands is None else bands).items():
+        bound = f"teacher {t:.4f}" if gate.factor == 1 else f"{gate.factor:g} x teacher = {t:.4f}"
+        lines.append(f"{'pass' if s < t else 'FAIL'}  {k} {s:.4f} < {bound}")
+    for k, (lo, hi) in gate.bands.items():
         r = student[k]["mean"] / ref[k]
         inside = lo <= r <= hi
         ok &= inside

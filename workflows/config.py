@@ -158,8 +158,8 @@ def load_config(model: type[M], preset: str | Path | None, overrides: list[str] 
     return build(model, deep_merge(data, parse_overrides(overrides)))
 
 
-def config_hash(cfg: BaseModel) -> str:
-    blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()
+def config_hash(cfg: BaseModel, exclude: set[str] | None = None) -> str:
+    blob = json.dumps(cfg.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -58,8 +58,17 @@ def load_prompts(cfg: DistillConfig) -> list[str]:
     return prompts
 
 
+# Sections that judge a finished job rather than define it: not part of its hash (a new gate re-judges, no retrain)
+NOT_IN_JOB_HASH = {"gate"}
+
+
+def job_hash(cfg: DistillConfig) -> str:
+    """The config hash that names the job (``cdm.config_hash``; checkpoints' ``config_hash``)."""
+    return config_hash(cfg, exclude=NOT_IN_JOB_HASH)
+
+
 def job_key(cfg: DistillConfig) -> str:
-    return f"{cfg.name}-{config_hash(cfg)[:10]}"
+    return f"{cfg.name}-{job_hash(cfg)[:10]}"
 
 
 def resources(cfg: DistillConfig) -> dict:
@@ -155,7 +164,7 @@ def open_job(
     tags = {
         "cdm.teacher": str(teacher),
         "cdm.teacher_hash": t_hash,
-        "cdm.config_hash": config_hash(cfg),
+        "cdm.config_hash": job_hash(cfg),
         "cdm.code_version": lineage.code_version(),
         "cdm.ray_job_id": str(submission),
         "cdm.checkpoint_path": str(job_dir),
@@ -216,7 +225,7 @@ def train(job: Job, callbacks: list | None = None) -> tuple[Path, float]:
             embeddings=str(job.embeddings),
             run_id=run_id,
             tracking_uri=job.uri,
-            config_hash=config_hash(cfg),
+            config_hash=job_hash(cfg),
         ).model_dump(mode="json"),
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(

@@ -110,6 +110,36 @@ class EvalSection(Strict):
         return self
 
 
+GATE_METRICS = Literal["fd", "fd2", "mse_to_teacher100", "intensity_w1", "class_mean_gap"]
+PANEL_BAND_METRICS = Literal["near_white", "near_black", "edge_energy"]
+
+
+class GateSection(Strict):
+    """The quality gate of ``cdm pipeline``: a student is aliased ``alias`` only when every lower-is-better
+    metric beats ``factor`` x the teacher's own few-step Euler (same steps, same test set) and every panel
+    statistic lies within its band of the real split's value. Not part of the job key: changing the gate
+    re-judges a finished job instead of retraining it."""
+
+    lower: list[GATE_METRICS] = Field(
+        default_factory=lambda: ["fd", "fd2"],
+        min_length=1,
+        description="metrics the student must have lower than factor x the few-step teacher's",
+    )
+    factor: float = Field(1.0, gt=0.0, le=10.0, description="student < factor x teacher passes")
+    bands: dict[PANEL_BAND_METRICS, tuple[float, float]] = Field(
+        default_factory=lambda: {"near_white": (0.5, 2.0), "edge_energy": (0.8, 1.25)},
+        description="(low, high) x the real test split's value",
+    )
+    alias: str = Field("champion", min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="alias set on pass")
+
+    @model_validator(mode="after")
+    def _bands_ordered(self):
+        for k, (lo, hi) in self.bands.items():
+            if not 0 <= lo <= hi:
+                raise ValueError(f"bands.{k}: need 0 <= low <= high, got ({lo}, {hi})")
+        return self
+
+
 class DistillConfig(Strict):
     name: str = Field("tiny", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
     teacher: str = Field("builtin", description="'builtin' or a local diffusers folder")
@@ -122,3 +152,4 @@ class DistillConfig(Strict):
     deepspeed: DeepSpeedSection = DeepSpeedSection()
     mlflow: MLflowSection = MLflowSection()
     eval: EvalSection = EvalSection()
+    gate: GateSection = GateSection()

@@ -172,16 +172,25 @@ def register_version(c, name: str, run_id: str, tags: dict, metrics: dict) -> st
     return mv.version
 
 
-def promote(c, name: str, version: str | None, source: str, alias: str, note: str) -> str:
+def promote(c, name: str, version: str | None, source: str, alias: str, note: str, force: bool = False) -> str:
     """Point ``alias`` at ``version`` (default: the version aliased ``source``) and tag the version with
-    ``note`` (the command that did it). Returns the version; bad names raise ValueError."""
+    ``note`` (the command that did it). A version whose quality gate failed (tag ``cdm.gate``) is refused
+    unless ``force``, which is tagged on the version. Returns the version; bad names raise ValueError."""
     from mlflow.exceptions import MlflowException
 
     try:
         v = version or c.get_model_version_by_alias(name, source).version
-        c.get_model_version(name, v)
+        mv = c.get_model_version(name, v)
+        verdict = (mv.tags or {}).get("cdm.gate")
+        if verdict == "failed" and not force:
+            report = (mv.tags or {}).get("cdm.gate.report", "")
+            raise ValueError(
+                f"promote: {name} version {v} failed the quality gate ({report}); pass --force to promote it anyway"
+            )
         c.set_registered_model_alias(name, alias, v)
         c.set_model_version_tag(name, v, f"cdm.promoted_to.{alias}", note)
+        if force:
+            c.set_model_version_tag(name, v, f"cdm.promoted_to.{alias}.forced", f"true (gate: {verdict or 'none'})")
     except MlflowException as e:
         raise ValueError(f"promote: {e.message.splitlines()[0]}") from None
     return v
