@@ -220,19 +220,34 @@ def pixel_panel(images: torch.Tensor, labels: torch.Tensor, ref: PixelReference)
     }
 
 
-def selection_score(fd: float, fd2: float, panel: dict[str, float], ref: PixelReference) -> float:
-    """One number to select checkpoints and recipes by (lower is better), never the reported figures:
-    ``log fd + log fd2 + |log((nw + e) / (nw_real + e))| + |log(edge / edge_real)|`` with e = 0.001.
-
-    Logs make a relative gain count the same in either judge; the two panel terms are zero at the real
-    data's values and grow whether a student over- or under-saturates / -sharpens.
-    """
+def panel_distance(panel: dict[str, float], ref: PixelReference) -> float:
+    """``|log((nw + e) / (nw_real + e))| + |log(edge / edge_real)|`` with e = 0.001: zero at the real split's
+    values, growing whether a student over- or under-saturates / -sharpens."""
     import math
 
     e = 1e-3
-    return (
-        math.log(max(fd, 1e-9))
-        + math.log(max(fd2, 1e-9))
-        + abs(math.log((panel["near_white"] + e) / (ref.near_white + e)))
-        + abs(math.log(max(panel["edge_energy"], 1e-9) / ref.edge_energy))
+    return abs(math.log((panel["near_white"] + e) / (ref.near_white + e))) + abs(
+        math.log(max(panel["edge_energy"], 1e-9) / ref.edge_energy)
     )
+
+
+def selection_score(fd: float, fd2: float, panel: dict[str, float], ref: PixelReference) -> float:
+    """One number to select checkpoints and recipes by (lower is better), never the reported figures:
+    ``log fd + log fd2 + panel_distance``. Logs make a relative gain count the same in either judge, so a
+    large gain in one judge can hide a loss in the other (see :func:`worst_judge_score`)."""
+    import math
+
+    return math.log(max(fd, 1e-9)) + math.log(max(fd2, 1e-9)) + panel_distance(panel, ref)
+
+
+def worst_judge_score(
+    fd: float, fd2: float, panel: dict[str, float], ref: PixelReference, base_fd: float, base_fd2: float
+) -> float:
+    """The selection score that trusts the more sceptical judge (lower is better):
+    ``max(log(fd / base_fd), log(fd2 / base_fd2)) + panel_distance``, where ``base_*`` are the teacher's own
+    few-step Euler on the same validation set (the student's starting point). A checkpoint counts as good as
+    its worst judge says: one judge's gain cannot buy back the other's loss."""
+    import math
+
+    rel = max(math.log(max(fd, 1e-9) / base_fd), math.log(max(fd2, 1e-9) / base_fd2))
+    return rel + panel_distance(panel, ref)

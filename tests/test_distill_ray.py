@@ -133,17 +133,17 @@ def test_zero3_job_runs_and_keep_best_exports_the_best_validation_ema(ray_cluste
     c = mlflow_client(distill_env)
     run = c.get_run(s["run_id"])
     assert run.data.tags["cdm.zero_stage"] == "3" and run.info.status == "FINISHED"
-    # keep_best: the exported student is the EMA of the step with the lowest validation selection score
-    # (both judges + the pixel panel, eval.select_by), and both judges' curves are in MLflow
-    hist = {m.step: m.value for m in c.get_metric_history(s["run_id"], "val_selection_score")}
+    # keep_best: the exported student is the EMA of the step with the lowest validation worst-judge score
+    # (the more sceptical judge + the pixel panel, eval.select_by), and both judges' curves are in MLflow
+    hist = {m.step: m.value for m in c.get_metric_history(s["run_id"], "val_worst_judge")}
     assert sorted(hist) == [1, 2, 3, 4]
     assert sorted(m.step for m in c.get_metric_history(s["run_id"], "val_fd2")) == [1, 2, 3, 4]
     best_step = min(hist, key=hist.get)
-    assert s["selection"] == "best_val_selection_score" and s["exported_student_steps"] == best_step
+    assert s["selection"] == "best_val_worst_judge" and s["exported_student_steps"] == best_step
     assert run.data.tags["cdm.export.student_steps"] == str(best_step)
     assert "eval.fd2" in run.data.metrics and "eval.near_white" in run.data.metrics
     mv = c.get_model_version(s["model"], s["version"])
-    assert mv.tags["cdm.export.selection"] == "best_val_selection_score"
+    assert mv.tags["cdm.export.selection"] == "best_val_worst_judge"
     ckpt = Path(s["checkpoint"])
     best = torch.load(ckpt / "best_ema.pt", weights_only=False)["shadow"]
     last = torch.load(ckpt / "ema.pt", weights_only=False)["shadow"]

@@ -88,6 +88,21 @@ def test_selection_score_is_zero_panel_penalty_at_the_real_statistics(test_split
     assert selection_score(2.0, 1.0, panel, pref) == pytest.approx(torch.log(torch.tensor(2.0)).item(), rel=1e-6)
 
 
+def test_worst_judge_score_follows_the_more_sceptical_judge(test_split):
+    """One judge's gain cannot buy back the other's loss: the summed score prefers a checkpoint where judge 1
+    halves while judge 2 rises by half; the worst-judge score does not."""
+    from cdm_core.metrics import worst_judge_score
+
+    images, labels = test_split
+    pref = PixelReference.from_images(images, labels)
+    panel = pixel_panel(images, labels, pref)
+    early, late = (1.5, 1.5), (0.75, 2.25)  # (fd, fd2); both judges' teacher values 3.0
+    assert selection_score(*late, panel, pref) < selection_score(*early, panel, pref)
+    assert worst_judge_score(*late, panel, pref, 3.0, 3.0) > worst_judge_score(*early, panel, pref, 3.0, 3.0)
+    assert worst_judge_score(1.5, 1.5, panel, pref, 3.0, 3.0) == pytest.approx(-torch.log(torch.tensor(2.0)).item())
+    assert worst_judge_score(3.0, 3.0, panel, pref, 3.0, 3.0) == pytest.approx(0.0, abs=1e-9)
+
+
 def test_shipped_pixel_reference_matches_the_test_split(test_split):
     """Workers and evaluations read the real split's panel from the asset; it must be what the dataset gives."""
     from workflows.pixel_reference import PIXEL_REFERENCE, pixel_reference

@@ -215,7 +215,7 @@ def test_asha_sweep_stops_a_bad_trial_nests_runs_and_aliases_the_best_candidate(
         "report/results.csv",
         "report/results.md",
         "report/learning_curves.png",
-        "report/val_selection_score_vs_optim_lr_student.png",
+        "report/val_worst_judge_vs_optim_lr_student.png",
     } <= arts
     assert parent.data.tags["cdm.best.optim.lr_student"] == str(res["best"]["config"]["optim.lr_student"])
     # no placement group of a stopped trial is left holding the cluster's CPUs

@@ -13,10 +13,19 @@ from pydantic import Field, model_validator
 from workflows.config import ConfigError, Strict, build, deep_merge, parse_overrides, read_mapping, resolve_preset
 from workflows.distill_config import DistillConfig
 
-# val_selection_score (the default) combines both judges and the pixel panel; the reported test figures are
-# never the selecting ones
-METRICS = ("val_selection_score", "val_fd", "val_fd2", "val_adherence", "val_precision", "val_recall", "val_hf_gap")
-LOWER_IS_BETTER = ("val_selection_score", "val_fd", "val_fd2", "val_hf_gap")
+# val_worst_judge (the default): the more sceptical judge's FD relative to the few-step teacher's, plus the pixel
+# panel; val_selection_score sums both judges' log FD. The reported test figures are never the selecting ones
+METRICS = (
+    "val_worst_judge",
+    "val_selection_score",
+    "val_fd",
+    "val_fd2",
+    "val_adherence",
+    "val_precision",
+    "val_recall",
+    "val_hf_gap",
+)
+LOWER_IS_BETTER = ("val_worst_judge", "val_selection_score", "val_fd", "val_fd2", "val_hf_gap")
 
 
 class ValidationSection(Strict):
@@ -57,7 +66,7 @@ class SweepConfig(Strict):
     name: str = Field("sweep", min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_.-]+$")
     preset: str = Field("tiny", min_length=1, description="base distillation preset name or YAML path")
     base: dict[str, Any] = Field(default_factory=dict, description="overrides of the base preset (nested)")
-    metric: Literal[METRICS] = "val_selection_score"  # type: ignore[valid-type]
+    metric: Literal[METRICS] = "val_worst_judge"  # type: ignore[valid-type]
     mode: Literal["min", "max"] = "min"
     validation: ValidationSection = ValidationSection()
     space: dict[str, Any] = Field(default_factory=dict)

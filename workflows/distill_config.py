@@ -92,10 +92,11 @@ class EvalSection(Strict):
         False,
         description="export the EMA student with the best validation score instead of the last one (needs val_every)",
     )
-    select_by: Literal["selection_score", "fd", "fd2"] = Field(
-        "selection_score",
-        description="validation metric keep_best minimises: selection_score combines both "
-        "judges and the pixel panel (cdm_core.metrics.selection_score)",
+    select_by: Literal["worst_judge", "selection_score", "fd", "fd2"] = Field(
+        "worst_judge",
+        description="validation metric keep_best minimises: worst_judge is the more sceptical judge's FD "
+        "relative to the few-step teacher's, plus the pixel panel (cdm_core.metrics.worst_judge_score); "
+        "selection_score sums both judges' log FD (one judge's gain can hide the other's loss)",
     )
 
     @model_validator(mode="after")

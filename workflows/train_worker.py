@@ -177,7 +177,7 @@ def train_loop_per_worker(config: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     val_every = cfg.eval.val_every
-    validator = Validator(cfg, teacher.family, teacher.shape, dev) if val_every and rank == 0 else None
+    validator = Validator(cfg, teacher.family, teacher.shape, dev, teacher.module) if val_every and rank == 0 else None
     stream = prompt_stream(cfg.cdm.seed, rank)
 
     while step.student_steps < total:

@@ -16,7 +16,11 @@ from cdm_core.sampling import sample
 
 
 class Validator:
-    def __init__(self, cfg, family, shape: tuple[int, int, int], dev):
+    """``validator(ema)`` -> ``val_*`` metrics. With ``base`` (the teacher's module) the teacher's few-step
+    samples on the same validation set are scored once, and every call also returns ``val_worst_judge``
+    (``cdm_core.metrics.worst_judge_score`` against them)."""
+
+    def __init__(self, cfg, family, shape: tuple[int, int, int], dev, base=None):
         from workflows.config import DEFAULT_EVALUATOR, DEFAULT_JUDGE2
         from workflows.evaluation import eval_set
         from workflows.evaluator import Evaluator
@@ -27,17 +31,28 @@ class Validator:
         self.ev = Evaluator.load(DEFAULT_EVALUATOR)
         self.ev2 = Evaluator.load(DEFAULT_JUDGE2)
         self.dev = dev
+        self.base = self._score(base) if base is not None else None
 
     @torch.no_grad()
-    def __call__(self, ema) -> dict[str, float]:
+    def _score(self, model) -> dict[str, float]:
         from workflows.evaluation import generate, score
 
-        model = ema.shadow.to(self.dev)
+        model = model.to(self.dev)
         was_training = model.training
         model.eval()
         imgs = generate(self.family.velocity(model), self.es, self.steps, self.shift, 1.0, 500, self.dev)
         model.train(was_training)
-        return {f"val_{k}": float(v) for k, v in score(self.ev, imgs, self.es.labels, None, self.ev2).items()}
+        return {k: float(v) for k, v in score(self.ev, imgs, self.es.labels, None, self.ev2).items()}
+
+    def __call__(self, ema) -> dict[str, float]:
+        from cdm_core.metrics import worst_judge_score
+        from workflows.pixel_reference import pixel_reference
+
+        out = self._score(ema.shadow)
+        if self.base is not None:
+            b = self.base
+            out["worst_judge"] = worst_judge_score(out["fd"], out["fd2"], out, pixel_reference(), b["fd"], b["fd2"])
+        return {f"val_{k}": v for k, v in out.items()}
 
 
 @torch.no_grad()
