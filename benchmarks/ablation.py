@@ -3,10 +3,12 @@ into a 4-step student, one row per variant, on the same budget of student steps 
 
     python benchmarks/ablation.py teacher --n-samples 1000               # teacher-100(+cfg), teacher-4
     python benchmarks/ablation.py train --row cdm --student-steps 600     # one distilled row (resumable)
-    python benchmarks/ablation.py summarize                               # ablation.json + ablation.md
+    python benchmarks/ablation.py reselect --select-by worst_judge        # re-pick exports from the curves
+    python benchmarks/ablation.py summarize [--rows rows-worst_judge]    # ablation.json + ablation.md
 
 Rows: dmd-fixed (fixed DMD2 anchors, CA+DM), dynamic-no-cdm (dynamic schedule, CA+DM), cdm (dynamic +
-CA + DM + CDM), cdm-gaussian (CDM with gaussian re-noising instead of velocity extrapolation; since the quality
+CA + DM + CDM), fixed-cdm (fixed anchors + CDM),
+cdm-gaussian (CDM with gaussian re-noising instead of velocity extrapolation; since the quality
 issue it re-noises the rollout's final sample, the authors' default, where the tables in ablation_teacher_v*/
 re-noised the anchor's x0_hat_i: ``--cdm gaussian_base=anchor`` gives the old row).
 A training seed other than 0 is a row of its own named ``<row>@s<seed>``; ``summarize`` reports mean ± std over
@@ -47,6 +49,7 @@ ROWS = {
     "dynamic-no-cdm": dict(schedule="dynamic", use_cdm=False),
     "cdm": dict(schedule="dynamic"),
     "cdm-gaussian": dict(schedule="dynamic", off_trajectory="gaussian"),
+    "fixed-cdm": dict(schedule="fixed"),
 }
 ORDER = ["teacher-100", "teacher-100nfe-cfg", "teacher-4", "dmd-fixed", "dynamic-no-cdm", "cdm", "cdm-gaussian"]
 
@@ -73,6 +76,25 @@ def _row(name, res, **extra) -> dict:
         "s_per_image": res["s_per_image"],
         **extra,
     }
+
+
+SELECTION = {
+    "worst_judge": "best validation worst-judge score (the more sceptical judge's FD relative to the 4-step "
+    "teacher's + pixel panel, cdm_core.metrics.worst_judge_score; seed 100, N=500)",
+    "selection_score": "best validation selection score (both judges' log FD summed + pixel panel, seed 100, N=500)",
+}
+
+
+def _score(point: dict, base: dict, rule: str) -> float:
+    """The selection rule on one validation point; ``base`` is step 0 (the student is the teacher there)."""
+    from cdm_core.metrics import worst_judge_score
+    from workflows.pixel_reference import pixel_reference
+
+    if rule == "selection_score":
+        return point.get("val_selection_score", point["val_fd"])
+    panel = {"near_white": point["val_near_white"], "edge_energy": point["val_edge_energy"]}
+    fd, fd2 = point["val_fd"], point["val_fd2"]
+    return worst_judge_score(fd, fd2, panel, pixel_reference(), base["val_fd"], base["val_fd2"])
 
 
 def _overrides(cls, items: list[str]) -> dict:
@@ -186,7 +208,7 @@ def cmd_train(a) -> None:
             json.dumps({"cdm": cdm.to_dict(), "loop": dataclasses.asdict(loop), "curve": state["curve"]}, indent=1)
             + "\n"
         )
-        sel = v.get("selection_score", fd)  # both judges + the pixel panel; FD alone without judge 2
+        sel = _score(state["curve"][-1], state["curve"][0], a.select_by)
         if a.keep_best and s > 0 and (state["best"] is None or sel < state["best"].get("score", float("inf"))):
             state["best"] = {
                 "student_steps": s,
@@ -246,7 +268,7 @@ def cmd_train(a) -> None:
         d.ema.shadow.load_state_dict(state["best"]["ema"])
         chosen = state["best"]["student_steps"]
         print(
-            f"{name}: exporting the EMA of step {chosen} (best validation selection score "
+            f"{name}: exporting the EMA of step {chosen} (best validation {a.select_by} "
             f"{state['best'].get('score', state['best']['val_fd']):.3f})",
             flush=True,
         )
@@ -276,11 +298,7 @@ def cmd_train(a) -> None:
         loop=dataclasses.asdict(loop),
         val_curve=state["curve"],
         exported_student_steps=chosen,
-        selection=(
-            "best validation selection score (both judges + pixel panel, seed 100, N=500)"
-            if a.keep_best
-            else "last EMA"
-        ),
+        selection=SELECTION[a.select_by] if a.keep_best else "last EMA",
         fixed_steps={
             str(c["student_steps"]): {k: c.get(f"val_{k}") for k in ("fd", "fd2", "near_white", "edge_energy")}
             for c in state["curve"]
@@ -291,6 +309,44 @@ def cmd_train(a) -> None:
     (out / "rows" / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
     (run_dir / "train_log.json").write_text(json.dumps(state["log"]) + "\n")
     print(json.dumps({k: v for k, v in row.items() if k != "val_curve"}), flush=True)
+
+
+def cmd_reselect(a) -> None:
+    """Re-pick each finished run's export by ``--select-by`` on its validation curve (seed 100) and score that
+    snapshot on the test seeds; rows go to ``<out>/rows-<rule>/`` (training is not rerun; needs --snapshots)."""
+    out = Path(a.out)
+    dest = out / f"rows-{a.select_by}"
+    dest.mkdir(parents=True, exist_ok=True)
+    names = a.names.split(",") if a.names else sorted(p.stem for p in (out / "rows").glob("*.json"))
+    teacher = load_model(DEFAULT_TEACHER)
+    seeds = [int(x) for x in a.seeds.split(",")]
+    for name in names:
+        src = out / "rows" / f"{name}.json"
+        run_dir = out / "runs" / name
+        if not src.exists() or not (run_dir / "curve.json").exists():
+            print(f"{name}: no row or curve, skipped", flush=True)
+            continue
+        row = json.loads(src.read_text())
+        curve = json.loads((run_dir / "curve.json").read_text())["curve"]
+        if (dest / f"{name}.json").exists() and not a.force:
+            print(f"{name}: done earlier", flush=True)
+            continue
+        if curve[0]["student_steps"] != 0 or "val_fd2" not in curve[0]:
+            print(f"{name}: curve lacks step 0 or judge 2, skipped", flush=True)
+            continue
+        pick = min((c for c in curve if c["student_steps"] > 0), key=lambda c: _score(c, curve[0], a.select_by))
+        step = pick["student_steps"]
+        snap = run_dir / "snapshots" / f"ema_{step:06d}.pt"
+        if not snap.exists():
+            print(f"{name}: no snapshot of step {step}, skipped", flush=True)
+            continue
+        model = teacher.module
+        model.load_state_dict(torch.load(snap, weights_only=True))
+        res = _eval(DEFAULT_TEACHER, 4, 1.0, a.n_samples, seeds, out / "grids" / f"{name}-{a.select_by}", model, 0)
+        keep = {k: v for k, v in row.items() if k not in METRICS and k not in ("s_per_image",)}
+        new = {**keep, **_row(name, res), "exported_student_steps": step, "selection": SELECTION[a.select_by]}
+        (dest / f"{name}.json").write_text(json.dumps(new, indent=2) + "\n")
+        print(f"{name}: step {step} -> test FD {res['fd']['mean']:.3f} / {res['fd2']['mean']:.3f}", flush=True)
 
 
 SEED_SUFFIX = "@s"  # a row trained with another training seed: <row>@s<seed> (e.g. cdm@s1)
@@ -336,15 +392,14 @@ def cmd_summarize(a) -> None:
     from workflows.pixel_reference import pixel_reference
 
     out = Path(a.out)
-    found = sorted(p.stem for p in (out / "rows").glob("*.json"))
+    rows_dir = out / a.rows
+    found = sorted(p.stem for p in rows_dir.glob("*.json"))
     names = [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]
     groups: dict[str, list[dict]] = {}
     for name in names:
-        groups.setdefault(name.split(SEED_SUFFIX)[0], []).append(
-            json.loads((out / "rows" / f"{name}.json").read_text())
-        )
+        groups.setdefault(name.split(SEED_SUFFIX)[0], []).append(json.loads((rows_dir / f"{name}.json").read_text()))
     if not groups:
-        raise SystemExit(f"no rows under {out / 'rows'}")
+        raise SystemExit(f"no rows under {rows_dir}")
     rows = [_aggregate(g) for g in groups.values()]
     ref = pixel_reference()
     steps = max((r.get("student_steps") or 0) for r in rows)
@@ -355,9 +410,9 @@ def cmd_summarize(a) -> None:
         "student_steps": steps,
         "real": {"near_white": ref.near_white, "near_black": ref.near_black, "edge_energy": ref.edge_energy},
         "judges": {"fd": "workflows/assets/evaluator (cnn)", "fd2": "workflows/assets/judge2 (resnet)"},
-        "selection": "each distilled row exports the EMA of its best validation selection score "
-        "(cdm_core.metrics.selection_score: both judges + pixel panel, validation seed 100, N=500); "
-        "the table reports test seeds 0,1,2 only",
+        "selection": "each distilled row exports the EMA of its "
+        + ", ".join(sorted({r.get("selection", "") for g in groups.values() for r in g if r.get("selection")}))
+        + "; the table reports test seeds 0,1,2 only",
         "rows": [{k: v for k, v in r.items() if k not in ("val_curve",)} for r in rows],
     }
     (out / "ablation.json").write_text(json.dumps(res, indent=2) + "\n")
@@ -393,7 +448,7 @@ def cmd_summarize(a) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("teacher", "train", "summarize"):
+    for name in ("teacher", "train", "summarize", "reselect"):
         p = sub.add_parser(name)
         p.add_argument("--out", default=str(RESULTS / "ablation_work"))
         p.add_argument("--n-samples", type=int, default=1000)
@@ -447,10 +502,16 @@ def main() -> None:
         help="export the EMA with the best validation selection score (both judges and the pixel "
         "panel on validation seed 100), not the last one",
     )
+    for name in ("train", "reselect"):
+        sub.choices[name].add_argument("--select-by", default="worst_judge", choices=sorted(SELECTION))
+    r = sub.choices["reselect"]
+    r.add_argument("--names", default="", help="comma-separated rows (default: every row under <out>/rows)")
+    r.add_argument("--force", action="store_true", help="redo rows already reselected")
     sub.choices["summarize"].add_argument("--command", default="see benchmarks/ablation.py docstring")
+    sub.choices["summarize"].add_argument("--rows", default="rows", help="folder of row files under --out")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    {"teacher": cmd_teacher, "train": cmd_train, "summarize": cmd_summarize}[a.cmd](a)
+    {"teacher": cmd_teacher, "train": cmd_train, "summarize": cmd_summarize, "reselect": cmd_reselect}[a.cmd](a)
 
 
 if __name__ == "__main__":

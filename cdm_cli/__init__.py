@@ -73,4 +73,4 @@ def main() -> None:  # pragma: no cover
 
 
 # the commands register themselves on ``app`` when their modules are imported
-from cdm_cli import jobs, models, training  # noqa: E402,F401
+from cdm_cli import config_reference, jobs, models, training  # noqa: E402,F401

@@ -24,6 +24,7 @@ def test_help_lists_commands():
     [
         ["run"],
         ["pipeline"],
+        ["config-reference"],
         ["eval"],
         ["sample"],
         ["teacher", "train"],
@@ -155,6 +156,16 @@ def test_promote_refuses_a_version_that_failed_the_gate_unless_forced(tmp_path):
     assert out.returncode == 0, out.stderr
     assert c.get_model_version_by_alias("m", "champion").version == v.version
     assert c.get_model_version("m", v.version).tags["cdm.promoted_to.champion.forced"].startswith("true")
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is what the typed configs generate; regenerate with `cdm config-reference`."""
+    from cdm_cli.config_reference import DOC, render
+
+    assert DOC.exists(), "run: cdm config-reference --out docs/configuration.md"
+    assert DOC.read_text() == render(), "docs/configuration.md is stale: run cdm config-reference"
+    for field in ("`gate.factor`", "`eval.select_by`", "`cdm.fake_mix`", "`max_batch_size`", "`budget.num_samples`"):
+        assert field in DOC.read_text(), field
 
 
 def _examples() -> list[tuple[str, list[str]]]:
