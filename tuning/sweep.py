@@ -163,7 +163,7 @@ def run(sweep: SweepConfig, base: DistillConfig, space: Space, key: str, p: dict
     init_ray(p["resources"]["peak"].get("cpus", 1))
     _check_fits(p)
     teacher = teacher_path(base)
-    prompt_embeddings(load_prompts(base), folder_hash(teacher), storage)  # once, before the trials
+    prompt_embeddings(load_prompts(base), folder_hash(teacher), storage, teacher)  # once, before the trials
 
     sweep_ctx = {"key": key, "parent_run_id": parent, "command": command}
     trainable = tune.with_resources(

@@ -199,7 +199,7 @@ def prepare(
         resume_point(cfg)
     init_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     job = open_job(cfg, command, parent_run_id, extra_tags, check_resume=False)
-    job.embeddings = prompt_embeddings(prompts, job.teacher_hash, job.storage)
+    job.embeddings = prompt_embeddings(prompts, job.teacher_hash, job.storage, job.teacher)
     return job
 
 

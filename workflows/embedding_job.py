@@ -11,13 +11,22 @@ import torch
 from workflows.files import save_atomic
 
 
+def encoder_for(teacher: Path | None):
+    """The teacher's prompt encoder: a pipeline folder's own text encoders, else the built-in MiniLM."""
+    from workflows.pipeline_folders import PipelineTextEncoder, is_pipeline_folder
+
+    if teacher is not None and is_pipeline_folder(teacher):
+        return PipelineTextEncoder(teacher)
+    from workflows.text_encoder import TextEncoder
+
+    return TextEncoder()
+
+
 class _PromptEncoder:
     """Ray Data actor: prompt batch -> token states + pooled vectors (loads the encoder once)."""
 
-    def __init__(self):
-        from workflows.text_encoder import TextEncoder
-
-        self.enc = TextEncoder()
+    def __init__(self, teacher: str | None = None):
+        self.enc = encoder_for(Path(teacher) if teacher else None)
 
     def __call__(self, batch):
         import numpy as np
@@ -30,8 +39,9 @@ class _PromptEncoder:
         }
 
 
-def prompt_embeddings(prompts: list[str], teacher_hash: str, storage: Path) -> Path:
-    """Embeddings of the prompts and of the empty prompt, computed once per (teacher, prompts) with Ray Data."""
+def prompt_embeddings(prompts: list[str], teacher_hash: str, storage: Path, teacher: Path | None = None) -> Path:
+    """Embeddings of the prompts and of the empty prompt, computed once per (teacher, prompts) with Ray Data
+    (``teacher``: the teacher folder, whose own text encoders a pipeline folder uses; None = the built-in one)."""
     h = hashlib.sha256("\x00".join(prompts).encode()).hexdigest()[:16]
     path = storage / "embeddings" / f"emb-{teacher_hash}-{h}.pt"
     if path.exists():
@@ -42,7 +52,11 @@ def prompt_embeddings(prompts: list[str], teacher_hash: str, storage: Path) -> P
     items = [{"idx": i, "prompt": p} for i, p in enumerate(prompts + [""])]
     batch = 256  # one block per encoder batch: a block per handful of prompts only adds actor calls
     ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // batch)).map_batches(
-        _PromptEncoder, batch_size=batch, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=1
+        _PromptEncoder,
+        fn_constructor_args=(str(teacher) if teacher else None,),
+        batch_size=batch,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        num_cpus=1,
     )
     rows = sorted(ds.take_all(), key=lambda r: int(r["idx"]))
     tokens = torch.from_numpy(np.stack([r["tokens"] for r in rows]))

@@ -31,6 +31,12 @@ def export_student(
     k = cfg.cdm.sampler_steps
     sigmas = unshifted_levels(k)
     levels = [round(float(v), 4) for v in inference_levels(k, cfg.cdm.shift)]
+    if tmeta.latent:  # a pipeline folder: the user's folder with this transformer and an exact-levels scheduler
+        from workflows.pipeline_folders import export_pipeline
+
+        card = {**vars(tmeta), "shift": 1.0, "default_steps": k, "default_guidance": 1.0}
+        card["provenance"] = {"distilled_by": "cdm distill", **tags}
+        return export_pipeline(Path(teacher), model, out, [float(v) for v in inference_levels(k, cfg.cdm.shift)], card)
     meta = ModelMeta(
         family=tmeta.family,
         text_encoder=tmeta.text_encoder,
@@ -102,12 +108,17 @@ def finish(job: Job, final: Path, metrics: dict | None = None) -> dict:
             reference_steps=cfg.eval.reference_steps,
         ),
     )
-    ev = evaluate_folder(folder, ev_cfg, job_dir / "eval", job.teacher)
+    if read_meta(job.teacher).latent:  # the judges know the built-in domain only
+        console.print("\\[cdm] evaluation: no judges for this teacher's domain; the student is exported unscored")
+        ev = {}
+    else:
+        ev = evaluate_folder(folder, ev_cfg, job_dir / "eval", job.teacher)
     metrics = {**{f"eval.{k}": ev[k]["mean"] for k in METRICS if k in ev}, **(metrics or {})}
     lineage.log_metrics(c, run_id, [(int(step), metrics)])
     c.log_artifacts(run_id, str(folder), "student")
-    c.log_artifact(run_id, str(job_dir / "eval" / "eval.json"), "eval")
-    c.log_artifact(run_id, str(job_dir / "eval" / "grid.png"), "eval")
+    if ev:
+        c.log_artifact(run_id, str(job_dir / "eval" / "eval.json"), "eval")
+        c.log_artifact(run_id, str(job_dir / "eval" / "grid.png"), "eval")
     version = lineage.register_version(c, cfg.mlflow.registered_model, run_id, {**job.tags, **chosen}, metrics)
     c.set_terminated(run_id, status="FINISHED")
     summary = {

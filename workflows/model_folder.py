@@ -14,17 +14,21 @@ from pathlib import Path
 
 import torch
 
-from cdm_core.models import Family, SD3Family
+from cdm_core.models import Family, LongCatFamily, SD3Family
 
 META_FILE = "cdm_model.json"
-FAMILIES: dict[str, Family] = {"SD3Transformer2DModel": SD3Family()}  # diffusers class -> adapter
+FAMILIES: dict[str, Family] = {  # diffusers class -> adapter
+    "SD3Transformer2DModel": SD3Family(),
+    "LongCatImageTransformer2DModel": LongCatFamily(),
+}
 CLASS_OF = {f.name: cls for cls, f in FAMILIES.items()}  # family name ("sd3") -> diffusers class
+PIPELINE_TEXT = "pipeline"  # ModelMeta.text_encoder of a pipeline folder: its own encoders (workflows.pipeline_folders)
 
 
 def _model_class(class_name: str):
-    from diffusers import SD3Transformer2DModel
+    import diffusers
 
-    return {"SD3Transformer2DModel": SD3Transformer2DModel}[class_name]
+    return getattr(diffusers, class_name)
 
 
 class ModelFolderError(ValueError):
@@ -49,6 +53,11 @@ class ModelMeta:
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
+    @property
+    def latent(self) -> bool:
+        """A pipeline folder's model (latents, its own text encoders and VAE), not the built-in pixel domain."""
+        return self.text_encoder == PIPELINE_TEXT
+
 
 def check_model_folder(path: str | Path) -> Path:
     p = Path(path)
@@ -62,13 +71,32 @@ def check_model_folder(path: str | Path) -> Path:
     return p
 
 
+def _pipeline_meta(p: Path) -> ModelMeta:
+    from workflows.pipeline_folders import image_size_of, spec_of
+
+    spec = spec_of(p)
+    return ModelMeta(
+        family=spec.family,
+        text_encoder=PIPELINE_TEXT,
+        max_tokens=0,
+        image_size=image_size_of(p),
+        channels=3,
+        default_steps=28,
+        dataset="none",
+        provenance={"pipeline": spec.pipeline},
+    )
+
+
 def read_meta(path: str | Path) -> ModelMeta:
+    """The folder's ``cdm_model.json`` over the defaults (the built-in domain's, or a pipeline folder's)."""
+    from workflows.pipeline_folders import is_pipeline_folder
+
     p = check_model_folder(path)
     meta_path = p / META_FILE
-    meta = ModelMeta()
+    meta = _pipeline_meta(p) if is_pipeline_folder(p) else ModelMeta()
     if meta_path.exists():
         try:
-            meta = ModelMeta.from_dict(json.loads(meta_path.read_text()))
+            meta = ModelMeta.from_dict({**vars(meta), **json.loads(meta_path.read_text())})
         except json.JSONDecodeError as e:
             raise ModelFolderError(f"{meta_path} is not valid JSON: {e}") from None
     sched = p / "scheduler" / "scheduler_config.json"
@@ -135,7 +163,7 @@ class ModelHandle:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return self.family.sample_shape(dict(self.module.config))
+        return self.family.sample_shape(dict(self.module.config), self.meta.image_size)
 
 
 def load_model(

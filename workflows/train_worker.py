@@ -177,7 +177,16 @@ def train_loop_per_worker(config: dict) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     val_every = cfg.eval.val_every
-    validator = Validator(cfg, teacher.family, teacher.shape, dev, teacher.module) if val_every and rank == 0 else None
+    # validation scores the built-in domain (both judges, pixel panel); a pipeline folder's latents get grids only
+    latent = teacher.meta.latent
+    validator = (
+        Validator(cfg, teacher.family, teacher.shape, dev, teacher.module)
+        if val_every and rank == 0 and not latent
+        else None
+    )
+    if val_every and rank == 0 and latent:
+        say("[cdm] validation: no judges for this teacher's domain; sample grids only, the last EMA is exported")
+    decode = None
     stream = prompt_stream(cfg.cdm.seed, rank)
 
     while step.student_steps < total:
@@ -214,8 +223,12 @@ def train_loop_per_worker(config: dict) -> None:
                     + f" N={m['schedule/n']:.1f} {m['throughput/samples_per_s']:.1f} samples/s eta {eta:.0f}s"
                 )
         if rank == 0 and (s % cfg.train.sample_every == 0 or s == total):
+            if latent and decode is None:
+                from workflows.pipeline_folders import LatentDecoder
+
+                decode = LatentDecoder(spec.teacher_path, dev)
             log_sample_grid(
-                c, run_id, ema, teacher.family, s, prompts, empty, shape, dev, core.sampler_steps, core.shift
+                c, run_id, ema, teacher.family, s, prompts, empty, shape, dev, core.sampler_steps, core.shift, decode
             )
         val_due = bool(val_every) and s % val_every == 0
         if s % cfg.train.checkpoint_every == 0 or s == total or val_due:

@@ -57,9 +57,10 @@ class Validator:
 
 @torch.no_grad()
 def log_sample_grid(
-    c, run_id: str, ema, family, student_steps: int, prompts, empty, shape, dev, steps: int, shift: float
+    c, run_id: str, ema, family, student_steps: int, prompts, empty, shape, dev, steps: int, shift: float, decode=None
 ) -> None:
-    """EMA samples of the first 10 prompts x 4 seeds at the student's sampler levels, as a PNG artifact."""
+    """EMA samples of the first 10 prompts x 4 seeds at the student's sampler levels, as a PNG artifact
+    (``decode``: latents -> images, for a pipeline folder's VAE)."""
     from workflows.images import save_grid
 
     k = min(10, len(prompts))
@@ -74,6 +75,7 @@ def log_sample_grid(
         prompts.index(rows).to(dev),
         empty.expand(rows.numel()).to(dev),
     )
+    x = decode(x) if decode is not None else x.float().cpu()
     with tempfile.TemporaryDirectory() as d:
-        p = save_grid(x.float().cpu(), Path(d) / f"samples_step_{student_steps:08d}.png", nrow=k)
+        p = save_grid(x, Path(d) / f"samples_step_{student_steps:08d}.png", nrow=k)
         c.log_artifact(run_id, str(p), "samples")

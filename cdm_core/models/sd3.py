@@ -47,7 +47,7 @@ class SD3Family:
         return SD3Velocity(model)
 
     @staticmethod
-    def sample_shape(config: dict) -> tuple[int, int, int]:
+    def sample_shape(config: dict, image_size: int | None = None) -> tuple[int, int, int]:
         """(C, H, W) of one sample: pixels for the built-in teacher, latents for SD3-Medium."""
         return (int(config["in_channels"]), int(config["sample_size"]), int(config["sample_size"]))
 
