@@ -63,5 +63,13 @@ def build_distiller(
     make = trainable or torch_trainable(optim, velocity_of)
     st = make(student, optim.lr_student, student_steps)
     ft = make(fake, optim.lr_fake, student_steps * cdm.update_ratio)
-    step = CDMStep(cdm, st, ft, velocity_of(teacher), ema, **step_kwargs)
-    return Distiller(step, st, ft, ema, cdm, optim)
+    return assemble(cdm, optim, st, ft, velocity_of(teacher), ema, **step_kwargs)
+
+
+def assemble(
+    cdm: CDMConfig, optim: OptimConfig, student: Trainable, fake: Trainable, teacher_velocity, ema: EMA, **step_kwargs
+) -> Distiller:
+    """The distiller of roles built elsewhere (LoRA mode: two adapters and the adapters-disabled base of one
+    module, ``workflows.lora``)."""
+    step = CDMStep(cdm, student, fake, teacher_velocity, ema, **step_kwargs)
+    return Distiller(step, student, fake, ema, cdm, optim)

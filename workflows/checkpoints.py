@@ -102,11 +102,13 @@ def save(
     meta: dict | None,
     best_meta: dict | None = None,
     best_ema_state: dict | None = None,
+    frozen_base: bool = False,
 ) -> None:
-    """Write one rank's part of a checkpoint into folder ``d`` (rank 0 also the EMA, meta and best)."""
+    """Write one rank's part of a checkpoint into folder ``d`` (rank 0 also the EMA, meta and best).
+    ``frozen_base`` (LoRA mode): the engines leave the frozen base out; it is the teacher folder."""
     d = Path(d)
-    student_engine.save_checkpoint(str(d / "student"), tag=ENGINE_TAG)
-    fake_engine.save_checkpoint(str(d / "fake"), tag=ENGINE_TAG)
+    student_engine.save_checkpoint(str(d / "student"), tag=ENGINE_TAG, exclude_frozen_parameters=frozen_base)
+    fake_engine.save_checkpoint(str(d / "fake"), tag=ENGINE_TAG, exclude_frozen_parameters=frozen_base)
     if rank == 0:
         torch.save(ema_state, d / EMA)
         if best_meta is not None:
@@ -115,13 +117,15 @@ def save(
         (d / META).write_text(json.dumps(meta))
 
 
-def load(d: Path, rank: int, student_engine, fake_engine) -> tuple[dict, dict, dict | None, dict | None]:
+def load(
+    d: Path, rank: int, student_engine, fake_engine, frozen_base: bool = False
+) -> tuple[dict, dict, dict | None, dict | None]:
     """Load a checkpoint folder into the engines; returns (meta, ema state, best meta, best EMA state)."""
     d = Path(d)
     try:
         meta = read_meta(d)
-        student_engine.load_checkpoint(str(d / "student"), tag=ENGINE_TAG)
-        fake_engine.load_checkpoint(str(d / "fake"), tag=ENGINE_TAG)
+        student_engine.load_checkpoint(str(d / "student"), tag=ENGINE_TAG, load_module_strict=not frozen_base)
+        fake_engine.load_checkpoint(str(d / "fake"), tag=ENGINE_TAG, load_module_strict=not frozen_base)
         ema_state = load_ema_state(d)
         best_meta = best(d) if rank == 0 else None
         best_ema_state = load_ema_state(d, BEST_EMA) if best_meta is not None else None

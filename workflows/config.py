@@ -158,7 +158,7 @@ def load_config(model: type[M], preset: str | Path | None, overrides: list[str] 
     return build(model, deep_merge(data, parse_overrides(overrides)))
 
 
-def config_hash(cfg: BaseModel, exclude: set[str] | None = None) -> str:
+def config_hash(cfg: BaseModel, exclude: set[str] | dict | None = None) -> str:
     blob = json.dumps(cfg.model_dump(mode="json", exclude=exclude), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

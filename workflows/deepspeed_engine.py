@@ -84,12 +84,25 @@ def _min_over_ranks(flag: torch.Tensor) -> torch.Tensor:
     return flag
 
 
-def deepspeed_trainable(optim, batch_per_worker: int, zero_stage: int, precision: str, use_gpu: bool, velocity_of):
+def deepspeed_trainable(
+    optim,
+    batch_per_worker: int,
+    zero_stage: int,
+    precision: str,
+    use_gpu: bool,
+    velocity_of,
+    gradient_checkpointing: bool = False,
+):
     """The ``trainable`` factory of ``cdm_core.distiller.build_distiller`` for DeepSpeed engines: the same
-    AdamW + warm-up as the reference loop, handed to ``deepspeed.initialize`` with the job's ZeRO config."""
+    AdamW + warm-up as the reference loop, handed to ``deepspeed.initialize`` with the job's ZeRO config
+    (``gradient_checkpointing``: the diffusers model's own ``enable_gradient_checkpointing``)."""
     import deepspeed
 
     def make(module: torch.nn.Module, lr: float, total_steps: int) -> DeepSpeedTrainable:
+        if gradient_checkpointing:
+            if not hasattr(module, "enable_gradient_checkpointing"):
+                raise ValueError(f"train.gradient_checkpointing: {type(module).__name__} does not support it")
+            module.enable_gradient_checkpointing()
         opt, sched = adamw_for(module, optim, lr, total_steps)
         eng, *_ = deepspeed.initialize(
             model=module,

@@ -23,18 +23,30 @@ from workflows import checkpoints, lineage
 from workflows.config import DEFAULT_TEACHER, config_hash, flatten
 from workflows.distill_config import DistillConfig
 from workflows.embedding_job import prompt_embeddings
-from workflows.model_folder import check_model_folder
+from workflows.model_folder import check_model_folder, class_name_of
 from workflows.progress import console
 
 MAX_PROMPT_CHARS = 1000
 
 
 def teacher_path(cfg: DistillConfig) -> Path:
+    """The checked teacher folder: it exists, has a transformer of a known family, and when ``teacher_class``
+    is set it is a diffusers pipeline folder of that class (one error line naming what is wrong)."""
+    from workflows.pipeline_folders import is_pipeline_folder, spec_of
+
     p = DEFAULT_TEACHER if cfg.teacher == "builtin" else Path(cfg.teacher).expanduser().resolve()
     try:
-        return check_model_folder(p)
+        check_model_folder(p)
+        if cfg.teacher_class and not is_pipeline_folder(p):
+            raise ValueError(f"{p} is not a pipeline folder (no model_index.json); expected a {cfg.teacher_class}")
+        if is_pipeline_folder(p):
+            found = spec_of(p).pipeline
+            if cfg.teacher_class and found != cfg.teacher_class:
+                raise ValueError(f"{p} is a {found} folder; this preset expects a {cfg.teacher_class}")
+        class_name_of(p)
     except ValueError as e:
         raise ValueError(f"teacher: {e}") from None
+    return p
 
 
 def load_prompts(cfg: DistillConfig) -> list[str]:
@@ -59,12 +71,18 @@ def load_prompts(cfg: DistillConfig) -> list[str]:
 
 
 # Sections that judge a finished job rather than define it: not part of its hash (a new gate re-judges, no retrain)
-NOT_IN_JOB_HASH = {"gate"}
+NOT_IN_JOB_HASH = {"gate", "teacher_class"}
 
 
 def job_hash(cfg: DistillConfig) -> str:
-    """The config hash that names the job (``cdm.config_hash``; checkpoints' ``config_hash``)."""
-    return config_hash(cfg, exclude=NOT_IN_JOB_HASH)
+    """The config hash that names the job (``cdm.config_hash``; checkpoints' ``config_hash``). Fields added after
+    jobs existed are left out while at their default, so those jobs keep their keys (and resume)."""
+    exclude: dict = {k: True for k in NOT_IN_JOB_HASH}
+    if not cfg.lora.enabled:
+        exclude["lora"] = True
+    if not cfg.train.gradient_checkpointing:
+        exclude["train"] = {"gradient_checkpointing"}
+    return config_hash(cfg, exclude=exclude)
 
 
 def job_key(cfg: DistillConfig) -> str:

@@ -58,6 +58,9 @@ class TrainSection(Strict):
     num_to_keep: int = Field(2, ge=1, le=1000)
     log_every: int = Field(10, ge=1)
     sample_every: int = Field(100, ge=1, description="student steps between sample-grid artifacts")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the student's and fake teacher's activations in backward (large backbones)"
+    )
     max_failures: int = Field(1, ge=0, le=1000)
 
 
@@ -111,6 +114,20 @@ class EvalSection(Strict):
         return self
 
 
+class LoraSection(Strict):
+    """LoRA mode (``workflows.lora``): the student and the fake teacher as two LoRA adapters on one frozen base
+    whose adapters-disabled forward is the real teacher: one copy of the weights for the three roles."""
+
+    enabled: bool = False
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0.0, le=4096.0, description="LoRA scale = alpha / rank")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        description="module names (peft's target_modules) that get adapters",
+    )
+
+
 GATE_METRICS = Literal["fd", "fd2", "mse_to_teacher100", "intensity_w1", "class_mean_gap"]
 PANEL_BAND_METRICS = Literal["near_white", "near_black", "edge_energy"]
 
@@ -143,7 +160,10 @@ class GateSection(Strict):
 
 class DistillConfig(Strict):
     name: str = Field("tiny", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    teacher: str = Field("builtin", description="'builtin' or a local diffusers folder")
+    teacher: str = Field("builtin", description="'builtin' or a local diffusers folder (a model or a whole pipeline)")
+    teacher_class: Literal["StableDiffusion3Pipeline", "LongCatImagePipeline"] | None = Field(
+        None, description="the pipeline class the teacher folder must be (a preset's check; not part of the job key)"
+    )
     prompts: str = Field("builtin", description="'builtin' or a text file, one prompt per line")
     storage_path: str = Field("runs", description="checkpoint storage (local dir or shared storage)")
     cdm: CDMSection = CDMSection()
@@ -154,3 +174,10 @@ class DistillConfig(Strict):
     mlflow: MLflowSection = MLflowSection()
     eval: EvalSection = EvalSection()
     gate: GateSection = GateSection()
+    lora: LoraSection = LoraSection()
+
+    @model_validator(mode="after")
+    def _lora_zero2(self):
+        if self.lora.enabled and self.deepspeed.zero_stage != 2:
+            raise ValueError("lora.enabled: LoRA mode runs on ZeRO-2 (small adapters); set deepspeed.zero_stage=2")
+        return self

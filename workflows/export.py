@@ -15,7 +15,7 @@ from workflows import checkpoints, lineage
 from workflows.config import EvalConfig, build
 from workflows.distill import Job
 from workflows.distill_config import DistillConfig
-from workflows.model_folder import ModelMeta, empty_like, read_meta, save_model_folder
+from workflows.model_folder import ModelMeta, empty_like, load_transformer, read_meta, save_model_folder
 from workflows.progress import console
 
 
@@ -25,8 +25,16 @@ def export_student(
     """EMA weights of a checkpoint (``ema.pt``, or ``best_ema.pt`` for the best-validation EMA) -> a
     diffusers folder whose scheduler reproduces the student's ``cdm.sampler_steps`` levels."""
     state = checkpoints.load_ema_state(ckpt, ema_file)
-    model = empty_like(teacher)
-    model.load_state_dict({k: v.float() for k, v in state["shadow"].items()})
+    adapter = base = None
+    if cfg.lora.enabled:  # the EMA adapter merged into the teacher; the adapter alone beside it
+        from workflows.lora import ema_adapter_weights, merged_student
+
+        base = load_transformer(teacher)
+        adapter = ema_adapter_weights(base, cfg.lora, state["shadow"])
+        model = merged_student(base, cfg.lora, adapter)
+    else:
+        model = empty_like(teacher)
+        model.load_state_dict({k: v.float() for k, v in state["shadow"].items()})
     tmeta = read_meta(teacher)
     k = cfg.cdm.sampler_steps
     sigmas = unshifted_levels(k)
@@ -36,7 +44,9 @@ def export_student(
 
         card = {**vars(tmeta), "shift": 1.0, "default_steps": k, "default_guidance": 1.0}
         card["provenance"] = {"distilled_by": "cdm distill", **tags}
-        return export_pipeline(Path(teacher), model, out, [float(v) for v in inference_levels(k, cfg.cdm.shift)], card)
+        exact = [float(v) for v in inference_levels(k, cfg.cdm.shift)]
+        folder = export_pipeline(Path(teacher), model, out, exact, card)
+        return _with_adapter(folder, base, cfg, adapter)
     meta = ModelMeta(
         family=tmeta.family,
         text_encoder=tmeta.text_encoder,
@@ -55,7 +65,18 @@ def export_student(
             f"{cfg.cdm.shift:g} -> levels {levels}",
         },
     )
-    return save_model_folder(model, out, meta)
+    return _with_adapter(save_model_folder(model, out, meta), base, cfg, adapter)
+
+
+def _with_adapter(folder: Path, base, cfg: DistillConfig, adapter: dict | None) -> Path:
+    """LoRA mode: the EMA adapter alone under ``<folder>/lora_adapter`` (diffusers' ``save_lora_adapter``
+    format: ``transformer.load_lora_adapter(path, weight_name="pytorch_lora_weights.safetensors")``;
+    SD3 pipelines: ``pipe.load_lora_weights(path)``)."""
+    if adapter is not None:
+        from workflows.lora import save_adapter
+
+        save_adapter(base, cfg.lora, adapter, folder / "lora_adapter")
+    return folder
 
 
 def finish(job: Job, final: Path, metrics: dict | None = None) -> dict:

@@ -75,13 +75,12 @@ def _worker_layout(rank: int) -> list[dict]:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
-    from cdm_core.distiller import build_distiller
     from cdm_core.reference_loop import prompt_batch
     from cdm_core.seeds import prompt_stream
     from workflows import checkpoints, lineage
-    from workflows.deepspeed_engine import blend, deepspeed_trainable, ema_update
     from workflows.model_folder import load_model
     from workflows.validation import Validator, log_sample_grid
+    from workflows.worker_roles import build_roles, ema_model, teacher_model
 
     spec = WorkerSpec.model_validate(config)
     cfg = spec.cfg
@@ -92,23 +91,9 @@ def train_loop_per_worker(config: dict) -> None:
     layout = _worker_layout(rank)
 
     teacher = load_model(spec.teacher_path, dev)
-    o, b = cfg.optim.to_core(), cfg.train.batch_size_per_worker
-    core = cfg.cdm.to_core()
-    make = deepspeed_trainable(
-        o, b, cfg.deepspeed.zero_stage, cfg.deepspeed.precision, cfg.scaling.use_gpu, teacher.family.velocity
-    )
-    d = build_distiller(
-        teacher.module,
-        core,
-        o,
-        cfg.train.student_steps,
-        teacher.family.velocity,
-        make,
-        rank=rank,
-        blend=blend,
-        ema_update=ema_update,
-        sync_depth=max_across_ranks if cfg.deepspeed.zero_stage == 3 and world > 1 else None,
-    )
+    b, core = cfg.train.batch_size_per_worker, cfg.cdm.to_core()
+    roles = build_roles(cfg, teacher, rank, world, max_across_ranks)
+    d = roles.distiller
     step, st, ft, ema = d.step, d.student, d.fake, d.ema
 
     prompts, empty = _load_embeddings(spec.embeddings)
@@ -125,7 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as cd:
-            m, ema_state, best, best_ema = checkpoints.load(Path(cd), rank, st.engine, ft.engine)
+            m, ema_state, best, best_ema = checkpoints.load(Path(cd), rank, st.engine, ft.engine, roles.frozen_base)
         ema.load_state_dict(ema_state)
         iteration, step.student_steps, samples_seen = m["iteration"], m["student_steps"], m["samples_seen"]
         resumes = list(m.get("resumes", [])) + [{"student_steps": step.student_steps, "time": time.time()}]
@@ -165,6 +150,7 @@ def train_loop_per_worker(config: dict) -> None:
                 },
                 best,
                 best_ema,
+                roles.frozen_base,
             )
             if rank == 0:  # before the report: a sweep's scheduler may stop the trial on it (the run's
                 buffer.flush(c, run_id)  # high-water mark keeps a restart from logging these steps again)
@@ -179,11 +165,10 @@ def train_loop_per_worker(config: dict) -> None:
     val_every = cfg.eval.val_every
     # validation scores the built-in domain (both judges, pixel panel); a pipeline folder's latents get grids only
     latent = teacher.meta.latent
-    validator = (
-        Validator(cfg, teacher.family, teacher.shape, dev, teacher.module)
-        if val_every and rank == 0 and not latent
-        else None
-    )
+    validator = None
+    if val_every and rank == 0 and not latent:
+        with teacher_model(roles, teacher.module) as base:
+            validator = Validator(cfg, teacher.family, teacher.shape, dev, base)
     if val_every and rank == 0 and latent:
         say("[cdm] validation: no judges for this teacher's domain; sample grids only, the last EMA is exported")
     decode = None
@@ -227,14 +212,15 @@ def train_loop_per_worker(config: dict) -> None:
                 from workflows.pipeline_folders import LatentDecoder
 
                 decode = LatentDecoder(spec.teacher_path, dev)
-            log_sample_grid(
-                c, run_id, ema, teacher.family, s, prompts, empty, shape, dev, core.sampler_steps, core.shift, decode
-            )
+            with ema_model(roles) as m_ema:
+                args = (prompts, empty, shape, dev, core.sampler_steps, core.shift, decode)
+                log_sample_grid(c, run_id, m_ema, teacher.family, s, *args)
         val_due = bool(val_every) and s % val_every == 0
         if s % cfg.train.checkpoint_every == 0 or s == total or val_due:
             report = {"student_steps": s, "iteration": iteration}
             if validator is not None:  # every report carries the validation metrics (a sweep's scheduler reads them)
-                val = validator(ema)
+                with ema_model(roles) as m_ema:
+                    val = validator(m_ema)
                 report.update(val)
                 key = f"val_{cfg.eval.select_by}"
                 # a best.json from before select_by holds only {"val_fd": ...}: unless it is the metric selected by,

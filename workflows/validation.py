@@ -16,7 +16,8 @@ from cdm_core.sampling import sample
 
 
 class Validator:
-    """``validator(ema)`` -> ``val_*`` metrics. With ``base`` (the teacher's module) the teacher's few-step
+    """``validator(model)`` -> ``val_*`` metrics of a module (the EMA student: ``worker_roles.ema_model``).
+    With ``base`` (the teacher's module) the teacher's few-step
     samples on the same validation set are scored once, and every call also returns ``val_worst_judge``
     (``cdm_core.metrics.worst_judge_score`` against them)."""
 
@@ -44,11 +45,11 @@ class Validator:
         model.train(was_training)
         return {k: float(v) for k, v in score(self.ev, imgs, self.es.labels, None, self.ev2).items()}
 
-    def __call__(self, ema) -> dict[str, float]:
+    def __call__(self, model) -> dict[str, float]:
         from cdm_core.metrics import worst_judge_score
         from workflows.pixel_reference import pixel_reference
 
-        out = self._score(ema.shadow)
+        out = self._score(model)
         if self.base is not None:
             b = self.base
             out["worst_judge"] = worst_judge_score(out["fd"], out["fd2"], out, pixel_reference(), b["fd"], b["fd2"])
@@ -57,10 +58,10 @@ class Validator:
 
 @torch.no_grad()
 def log_sample_grid(
-    c, run_id: str, ema, family, student_steps: int, prompts, empty, shape, dev, steps: int, shift: float, decode=None
+    c, run_id: str, model, family, student_steps: int, prompts, empty, shape, dev, steps: int, shift: float, decode=None
 ) -> None:
-    """EMA samples of the first 10 prompts x 4 seeds at the student's sampler levels, as a PNG artifact
-    (``decode``: latents -> images, for a pipeline folder's VAE)."""
+    """Samples of ``model`` (the EMA student) for the first 10 prompts x 4 seeds at the student's sampler levels,
+    as a PNG artifact (``decode``: latents -> images, for a pipeline folder's VAE)."""
     from workflows.images import save_grid
 
     k = min(10, len(prompts))
@@ -68,7 +69,7 @@ def log_sample_grid(
     g = torch.Generator().manual_seed(1234)
     noise = torch.randn((rows.numel(), *shape[1:]), generator=g).to(dev)
     x = sample(
-        family.velocity(ema.shadow.to(dev)),
+        family.velocity(model.to(dev)),
         noise,
         steps,
         shift,
