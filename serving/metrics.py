@@ -2,7 +2,9 @@
 
 Ray exports them with the cluster's other metrics (Prometheus format on each node's metrics agent, names prefixed
 ``ray_``; a counter also gets ``_total``). Serve adds ``deployment``, ``replica`` and ``application`` tags; every
-metric here also carries ``model`` and ``model_version``:
+metric here also carries ``model`` and ``model_version`` of the model that did the work (with ``models`` declared,
+one replica reports several: :meth:`ReplicaMetrics.for_model`). Serve's own multiplexing metrics
+(``serve_num_multiplexed_models``, ``serve_multiplexed_model_load_latency_ms``, ...) show loads and evictions:
 
     cdm_images_generated        counter    images returned, tag ``endpoint`` (openai | native)
     cdm_batch_requests          histogram  requests per sampler batch
@@ -63,21 +65,42 @@ class ReplicaMetrics:
             self.cache_entries,
         ):
             m.set_default_tags(dict(tags))
+        self._default = ModelMetrics(self, None)
+
+    def for_model(self, model: str, version: str) -> ModelMetrics:
+        """The same metrics tagged with another served model (a multiplexed one); one per loaded model, whose
+        prompt-cache counters it follows."""
+        return ModelMetrics(self, {"model": model, "model_version": version})
+
+    def batch(self, requests: int, images: int, waits_ms: list[float], sampler_ms: float, cache: dict) -> None:
+        """One sampler batch of the default model; see :meth:`ModelMetrics.batch`."""
+        self._default.batch(requests, images, waits_ms, sampler_ms, cache)
+
+    def served(self, images: int, endpoint: str) -> None:
+        self._default.served(images, endpoint)
+
+
+class ModelMetrics:
+    """A replica's metrics as one model records them: ``tags`` (None: the replica's default model) on each."""
+
+    def __init__(self, metrics: ReplicaMetrics, tags: dict[str, str] | None):
+        self.m, self.tags = metrics, tags
         self._hits = self._misses = 0
 
     def batch(self, requests: int, images: int, waits_ms: list[float], sampler_ms: float, cache: dict) -> None:
         """One sampler batch; ``cache`` is the prompt cache's ``stats()`` after it (counters are cumulative)."""
-        self.batch_requests.observe(requests)
-        self.batch_images.observe(images)
+        m, tags = self.m, self.tags
+        m.batch_requests.observe(requests, tags=tags)
+        m.batch_images.observe(images, tags=tags)
         for w in waits_ms:
-            self.queue_wait_ms.observe(w)
-        self.sampler_ms.observe(sampler_ms)
+            m.queue_wait_ms.observe(w, tags=tags)
+        m.sampler_ms.observe(sampler_ms, tags=tags)
         if cache["hits"] > self._hits:
-            self.cache_hits.inc(cache["hits"] - self._hits)
+            m.cache_hits.inc(cache["hits"] - self._hits, tags=tags)
         if cache["misses"] > self._misses:
-            self.cache_misses.inc(cache["misses"] - self._misses)
+            m.cache_misses.inc(cache["misses"] - self._misses, tags=tags)
         self._hits, self._misses = cache["hits"], cache["misses"]
-        self.cache_entries.set(cache["size"])
+        m.cache_entries.set(cache["size"], tags=tags)
 
     def served(self, images: int, endpoint: str) -> None:
-        self.images.inc(images, tags={"endpoint": endpoint})
+        self.m.images.inc(images, tags={**(self.tags or {}), "endpoint": endpoint})

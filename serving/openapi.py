@@ -1,7 +1,7 @@
 """The OpenAPI document of one deployment: FastAPI's, with every bound the API enforces, read from its ServeArgs.
 
 pydantic declares types and shapes. The limits that differ per deployment (prompt length and count, ``n``,
-``steps``, ``size``, the served model's names, the body size) are checked by ``serving.schemas.check_*`` against
+``steps``, ``size``, the served models' names, the body size) are checked by ``serving.schemas.check_*`` against
 ``ServeArgs`` and declared here from the same ``ServeArgs``, so a deployment with other limits shows other bounds.
 One rule JSON Schema cannot state is declared in words and as ``x-cdm-max-images``: on ``/generate``,
 ``n`` x the number of prompts is at most ``max_images``. Error responses are the service's JSON ``Error``.
@@ -62,8 +62,9 @@ def limits(args: ServeArgs, image_size: int) -> dict:
     }
 
 
-def document(api, args: ServeArgs, image_size: int, model_names: list[str]) -> dict:
-    """The OpenAPI 3.1 document of ``api`` with the bounds of ``args`` (the model's native ``image_size``)."""
+def document(api, args: ServeArgs, image_size: int, model_names: list[str], default_model: str | None = None) -> dict:
+    """The OpenAPI 3.1 document of ``api`` with the bounds of ``args`` (the model's native ``image_size``);
+    ``model_names`` are what a request's ``model`` may be (``serving.multiplex.Catalog.request_names``)."""
     doc = get_openapi(
         title=api.title,
         version=api.version,
@@ -88,7 +89,12 @@ def document(api, args: ServeArgs, image_size: int, model_names: list[str]) -> d
     images["size"] = _nullable(
         {"type": "string", "enum": native_sizes(size)}, "Size", f"the native {size}x{size} or a nearest upscale"
     )
-    images["model"] = _nullable({"type": "string", "enum": model_names}, "Model", "the served model, by any name")
+    if args.models:
+        about = f"which served model answers (default {default_model!r}): a public id or any name of one"
+    else:
+        about = "the served model, by any name"
+    model = _nullable({"type": "string", "enum": model_names}, "Model", about)
+    images["model"] = model
     images["response_format"] = {"type": "string", "enum": ["b64_json"], "default": "b64_json", "title": "Format"}
     images["seed"] = seed
 
@@ -103,6 +109,7 @@ def document(api, args: ServeArgs, image_size: int, model_names: list[str]) -> d
     gp["steps"] = _nullable(
         {"type": "integer", "enum": args.allowed_steps}, "Steps", f"sampler steps (default {args.default_steps})"
     )
+    gp["model"] = model
     gp["format"] = {"type": "string", "enum": ["png", "json"], "default": "json", "title": "Format"}
     gp["seed"] = seed
     gen["x-cdm-max-images"] = args.max_images
@@ -121,6 +128,7 @@ def document(api, args: ServeArgs, image_size: int, model_names: list[str]) -> d
                 op["requestBody"]["x-cdm-max-body-bytes"] = args.max_body_bytes
                 responses["400"] = _error("malformed JSON or a field out of its bounds; `param` names it")
                 responses["413"] = _error(f"body over {args.max_body_bytes} bytes")
-    doc["paths"]["/v1/images/generations"]["post"]["responses"]["404"] = _error("`model` is not served here")
+    for route in ("/v1/images/generations", "/generate"):
+        doc["paths"][route]["post"]["responses"]["404"] = _error("`model` is not served here")
     doc["info"]["x-cdm-limits"] = limits(args, image_size)
     return doc

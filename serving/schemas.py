@@ -1,7 +1,8 @@
 """HTTP request bodies. Limits come from :class:`serving.config.ServeArgs` and are checked by the
 ``check_*`` functions below (prompts, n, steps, size), so one schema serves every deployment; pydantic
 checks types and shapes, as JSON Schema reads them (an integer field takes ``2`` or ``2.0``, never ``"2"``
-or ``true``). ``serving.openapi`` declares the same limits in the OpenAPI document."""
+or ``true``). ``serving.openapi`` declares the same limits in the OpenAPI document. Both routes take ``model``
+(which served model answers: ``serving.multiplex.Catalog.pick``)."""
 
 from __future__ import annotations
 
@@ -59,6 +60,7 @@ class GenerateRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     prompt: str | list[str]
+    model: str | None = None
     n: JsonInt = 1
     seed: Seed | None = None
     steps: JsonInt | None = None
