@@ -11,18 +11,60 @@ import typer
 from cdm_cli import _command_line, _threads, app, user_errors
 
 
+def _dry_run(cfg, job_key, load_prompts, resources, storage_dir, teacher_path, tracking_uri) -> None:
+    """The resolved config, job key, resources and memory plan; what would stop the job is listed under
+    ``problems`` (exit code 2) instead of ending the dry run at the first one."""
+    from pathlib import Path
+
+    from workflows.resource_plan import job_plan
+
+    problems, teacher, n_prompts = [], None, None
+    try:
+        teacher = teacher_path(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        problems.append(str(e))
+    try:
+        n_prompts = len(load_prompts(cfg))
+    except (ValueError, FileNotFoundError) as e:
+        problems.append(str(e))
+    try:
+        memory = job_plan(cfg, teacher if teacher is not None else Path(cfg.teacher).expanduser())
+    except (ValueError, KeyError) as e:
+        memory, _ = None, problems.append(f"memory plan: {e}")
+    typer.echo(cfg.model_dump_json(indent=2))
+    out = {
+        "job_key": job_key(cfg),
+        "teacher": str(teacher) if teacher else cfg.teacher,
+        "prompts": n_prompts,
+        "storage": str(storage_dir(cfg) / job_key(cfg)),
+        "tracking_uri": tracking_uri(cfg.mlflow.tracking_uri),
+        "resources": resources(cfg),
+        "memory_per_gpu": memory,
+        "problems": problems,
+    }
+    typer.echo(json.dumps(out, indent=2))
+    if problems:
+        raise typer.Exit(2)
+
+
 @app.command("distill")
 @user_errors
 def distill_cmd(
     config: str = typer.Option("tiny", help="preset name under configs/ or a YAML path"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. --set train.student_steps=500"),
-    dry_run: bool = typer.Option(False, help="print the resolved config, job key and resources, then exit"),
+    dry_run: bool = typer.Option(False, help="print the resolved config, job key, resources and memory plan"),
 ):
     """Distill a teacher into a 4-step student with CDM on Ray Train + DeepSpeed; lineage in MLflow.
+
+    `--dry-run` prints the resolved config, the job key, the resources and the estimated memory per GPU (full or
+    LoRA mode, ZeRO stage; `workflows.memory_plan`), and lists what would stop the job (exit code 2).
 
     Examples:
 
     ```
+    cdm distill --config tiny --dry-run
+    cdm distill --config sd3-medium --set teacher=/models/sd3 --dry-run
+    cdm distill --config sd3-medium --set lora.enabled=true --set lora.rank=64 --dry-run
     cdm distill --config tiny
     cdm distill --config tiny --set scaling.num_workers=4 --set deepspeed.zero_stage=3
     ray job submit --working-dir . -- cdm distill --config tiny
@@ -37,24 +79,8 @@ def distill_cmd(
     from workflows.lineage import tracking_uri
 
     cfg = load_config(DistillConfig, config, set_)
-    teacher = teacher_path(cfg)
-    n_prompts = len(load_prompts(cfg))
-    uri = tracking_uri(cfg.mlflow.tracking_uri)
     if dry_run:
-        typer.echo(cfg.model_dump_json(indent=2))
-        typer.echo(
-            json.dumps(
-                {
-                    "job_key": job_key(cfg),
-                    "teacher": str(teacher),
-                    "prompts": n_prompts,
-                    "storage": str(storage_dir(cfg) / job_key(cfg)),
-                    "tracking_uri": uri,
-                    "resources": resources(cfg),
-                },
-                indent=2,
-            )
-        )
+        _dry_run(cfg, job_key, load_prompts, resources, storage_dir, teacher_path, tracking_uri)
         return
     summary = run_distill(cfg, command=_command_line())
     from workflows.progress import console
