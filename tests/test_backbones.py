@@ -82,7 +82,22 @@ print("OK", type(pipe).__name__, len(sig))
 """
 
 
-@pytest.mark.parametrize("kind", ["sd3", "longcat"])
+LORA_ALONE = """
+import sys, torch
+from diffusers import DiffusionPipeline
+teacher, student = sys.argv[1], sys.argv[2]
+pipe = DiffusionPipeline.from_pretrained(teacher)
+pipe.load_lora_weights(student + "/lora_adapter", weight_name="pytorch_lora_weights.safetensors")
+pipe.fuse_lora()
+pipe.unload_lora_weights()
+merged = DiffusionPipeline.from_pretrained(student).transformer
+d = max((a - b).abs().max().item() for a, b in zip(pipe.transformer.parameters(), merged.parameters()))
+assert d < 1e-5, d
+print("OK lora", d)
+"""
+
+
+@pytest.mark.parametrize("kind", ["sd3", "longcat", "sd3-lora"])
 def test_pipeline_folder_distills_on_ray_and_its_export_runs_in_plain_diffusers(
     kind, tiny_folders, ray_cluster, distill_env
 ):
@@ -92,20 +107,23 @@ def test_pipeline_folder_distills_on_ray_and_its_export_runs_in_plain_diffusers(
 
     prompts = distill_env / "prompts.txt"
     prompts.write_text("a photo of a bag\na red sneaker\na striped shirt\na pair of trousers\n")
-    sets = tiny_overrides(
-        distill_env,
-        teacher=str(tiny_folders[kind]),
-        prompts=str(prompts),
-        name=f"tiny-{kind}",
-        **{"train.batch_size_per_worker": 2, "train.student_steps": 2, "train.checkpoint_every": 1},
-    )
+    lora = kind.endswith("-lora")
+    folder = tiny_folders[kind.removesuffix("-lora")]
+    extra = {"train.batch_size_per_worker": 2, "train.student_steps": 2, "train.checkpoint_every": 1}
+    if lora:
+        extra.update({"lora.enabled": "true", "lora.rank": 4})
+    sets = tiny_overrides(distill_env, teacher=str(folder), prompts=str(prompts), name=f"tiny-{kind}", **extra)
     s = run_distill(load_config(DistillConfig, "tiny", sets))
     c = mlflow_client(distill_env)
     mv = c.get_model_version(s["model"], s["version"])
     assert mv.tags["cdm.export.selection"] == "last" and mv.tags["cdm.export.student_steps"] == "2"
     emb = torch.load(next((distill_env / "runs" / "embeddings").glob("emb-*.pt")), weights_only=True)
-    assert emb["tokens"].shape[:2] == ((4, 333) if kind == "sd3" else (4, 512))
+    assert emb["tokens"].shape[:2] == ((4, 512) if kind == "longcat" else (4, 333))
     out = subprocess.run(
         [sys.executable, "-I", "-c", PLAIN_DIFFUSERS, s["student_folder"]], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+    if lora:  # the adapter alone, on the user's own pipeline, is the merged export
+        argv = [sys.executable, "-I", "-c", LORA_ALONE, str(folder), s["student_folder"]]
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0 and "OK lora" in out.stdout, out.stderr[-3000:]

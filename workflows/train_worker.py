@@ -53,6 +53,17 @@ def max_across_ranks(value: int) -> int:
     return int(t.item())
 
 
+def peak_memory(dev) -> dict[str, float]:
+    """This worker's peak memory so far: host RSS (MiB; Linux reports ru_maxrss in KiB) and, on GPU, the peak
+    allocated by torch's CUDA allocator."""
+    import resource
+
+    out = {"memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if dev.type == "cuda":
+        out["memory/peak_cuda_mib"] = torch.cuda.max_memory_allocated(dev) / 2**20
+    return out
+
+
 def _load_embeddings(path: str):
     from cdm_core.conditioning import Cond
 
@@ -80,7 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
     from workflows import checkpoints, lineage
     from workflows.model_folder import load_model
     from workflows.validation import Validator, log_sample_grid
-    from workflows.worker_roles import build_roles, ema_model, teacher_model
+    from workflows.worker_roles import build_roles, ema_model, held_mib, teacher_model
 
     spec = WorkerSpec.model_validate(config)
     cfg = spec.cfg
@@ -191,6 +202,8 @@ def train_loop_per_worker(config: dict) -> None:
             m = {k: v / n_acc for k, v in acc.items()}
             m["throughput/samples_per_s"] = iters_window * b * world / max(dt, 1e-9)
             m["throughput/student_steps_per_s"] = iters_window / core.update_ratio / max(dt, 1e-9)
+            m.update(peak_memory(dev))
+            m.update(held_mib(roles, teacher.module))
             acc.clear()
             n_acc = 0
             t_window, iters_window = time.time(), 0

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import torch
+
 from cdm_core.distiller import Distiller
 
 
@@ -89,3 +91,22 @@ def teacher_model(roles: Roles, module):
         yield roles.lora.base
     finally:
         roles.lora.activate("student")
+
+
+def _storages(tensors) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
+
+
+def held_mib(roles: Roles, teacher_module) -> dict[str, float]:
+    """What this worker holds, exactly: the unique storages of every role's weights (teacher, student, fake, EMA)
+    and of the optimizers' state tensors (AdamW moments, found on the innermost torch optimizer), in MiB."""
+    d = roles.distiller
+    mods = [teacher_module, d.student.module, d.fake.module, d.ema.shadow]
+    weights = _storages(t for m in mods for t in list(m.parameters()) + list(m.buffers()))
+    states = {}
+    for tr in (d.student, d.fake):
+        opt = tr.engine.optimizer
+        while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch AdamW
+        states.update(_storages(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)))
+    return {"memory/weights_mib": sum(weights.values()) / 2**20, "memory/optimizer_mib": sum(states.values()) / 2**20}
