@@ -142,6 +142,16 @@ def run_pipeline(
     summary = st.run("distill", done, lambda: run_distill(cfg, command=command))
     version = str(summary["version"])
     c = lineage.client(summary["tracking_uri"])
+    from workflows.distill import teacher_path
+    from workflows.model_folder import read_meta
+
+    if read_meta(teacher_path(cfg)).latent:
+        raise GateFailed(
+            f"quality gate: no judges for this teacher's domain (the built-in judges know Fashion-MNIST only), so "
+            f"{summary['model']} version {version} was registered but not judged and stays without "
+            f"@{cfg.gate.alias}.\n  Review it, then: cdm promote {summary['model']} --version {version} "
+            f"--alias {cfg.gate.alias} --force"
+        )
 
     def same_version(d: dict | None) -> dict | None:
         return d if d and str(d.get("version")) == version else None
