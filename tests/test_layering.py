@@ -45,10 +45,10 @@ def test_the_checker_sees_lazy_imports(tmp_path):
 
 
 def test_only_the_model_seam_names_a_model_class():
-    """``cdm_core/models`` (the adapters), ``workflows/model_folder.py`` (the loader), ``workflows/pipeline_folders.py``
-    (the pipeline classes each family's folder belongs to) and ``workflows/memory_plan.py`` (parameter counts from
-    configs) are the only production modules that name a model class; everything else goes through the family
-    handle. Tests and benchmarks build tiny or config-sized models and may name them."""
+    """The only production modules that name a model class: ``cdm_core/models`` (the adapters),
+    ``workflows/model_folder.py`` (the loader), ``workflows/pipeline_folders.py`` (the pipeline classes of each
+    family's folders) and ``workflows/memory_plan.py`` / ``resource_plan.py`` (parameter counts from configs);
+    everything else goes through the family handle. Tests and benchmarks build tiny or config-sized models."""
     out = subprocess.run(
         ["git", "grep", "-n", "-E", r"SD3Transformer2DModel|SD3Velocity|LongCatImageTransformer2DModel", "--", "*.py"],
         cwd=REPO,
@@ -56,7 +56,7 @@ def test_only_the_model_seam_names_a_model_class():
         text=True,
     )
     allowed = re.compile(
-        r"^(cdm_core/models/|workflows/(model_folder|pipeline_folders|memory_plan)\.py|tests/|benchmarks/)"
+        r"^(cdm_core/models/|workflows/(model_folder|pipeline_folders|memory_plan|resource_plan)\.py|tests/|benchmarks/)"
     )
     hits = [ln for ln in out.stdout.splitlines() if not allowed.match(ln)]
     assert not hits, "\n".join(hits)

@@ -32,6 +32,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def small_deployment(batch_wait_timeout_s: float = 0.02, **over) -> dict:
+    """The ImageService deployment options of the serving tests: one small replica, quick shutdown."""
+    d = {
+        "name": "ImageService",
+        "num_replicas": 1,
+        "autoscaling_config": None,
+        "max_ongoing_requests": 16,
+        "max_queued_requests": 32,
+        "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": batch_wait_timeout_s},
+        "ray_actor_options": {"num_cpus": 0.5},
+        "graceful_shutdown_timeout_s": 2,
+        "graceful_shutdown_wait_loop_s": 0.5,
+    }
+    d.update(over)
+    return d
+
+
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A real registry: the built-in teacher folder logged as a run's ``student`` artifact, version 1 @champion."""
@@ -80,21 +97,9 @@ def service(ray_cluster, registry):
     def deploy(args: dict | None = None, **opts):
         base_args = {"cache_dir": registry["cache"], "app_name": APP, **(args or {})}
         app_args = resolve_args(base_args, f"models:/{NAME}@champion", registry["uri"], url)
-        base = {
-            "name": "ImageService",
-            "num_replicas": 1,
-            "max_ongoing_requests": 16,
-            "max_queued_requests": 32,
-            "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": 0.02},
-            "ray_actor_options": {"num_cpus": 0.5},
-            "graceful_shutdown_timeout_s": 2,
-            "graceful_shutdown_wait_loop_s": 0.5,
-        }
-        base.update(opts)
+        base = small_deployment(**opts)
         if base.get("autoscaling_config"):
             base.pop("num_replicas")
-        else:
-            base["autoscaling_config"] = None
         serve.run(application(app_args, [base]), name=APP, route_prefix="/", blocking=False)
         _wait_running(serve, base.get("num_replicas", 1))
         return url

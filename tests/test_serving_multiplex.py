@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from test_serving import _assert_no_leaks, _free_port
+from test_serving import _assert_no_leaks, _free_port, small_deployment
 
 APP = "cdmmulti"
 NAME = "cdm-serve-multi"
@@ -88,17 +88,7 @@ def service(ray_cluster, registry):
     def deploy(max_models: int = 1, batch_wait_timeout_s: float = 0.02) -> int:
         args = {"cache_dir": registry["cache"], "app_name": APP, "models": MODELS, "max_models_per_replica": max_models}
         app_args = resolve_args(args, f"models:/{NAME}@champion", registry["uri"], url)
-        deployment = {
-            "name": "ImageService",
-            "num_replicas": 1,
-            "autoscaling_config": None,
-            "max_ongoing_requests": 16,
-            "max_queued_requests": 32,
-            "user_config": {"max_batch_size": 8, "batch_wait_timeout_s": batch_wait_timeout_s},
-            "ray_actor_options": {"num_cpus": 0.5},
-            "graceful_shutdown_timeout_s": 2,
-            "graceful_shutdown_wait_loop_s": 0.5,
-        }
+        deployment = small_deployment(batch_wait_timeout_s=batch_wait_timeout_s)
         serve.run(application(app_args, [deployment]), name=APP, route_prefix="/", blocking=False)
         deadline = time.time() + 120
         while True:  # until the replica of these args is the only one

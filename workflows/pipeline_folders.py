@@ -144,6 +144,8 @@ def export_pipeline(teacher: Path, student: torch.nn.Module, out: Path, levels: 
         str(out / "scheduler")
     )
     sigmas = [round(float(s), 6) for s in levels]
+    if sigmas and sigmas[-1] == 0.0:  # the scheduler appends the terminal 0 itself
+        sigmas = sigmas[:-1]
     card = {
         **meta,
         "inference_sigmas": sigmas,
