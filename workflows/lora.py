@@ -149,8 +149,8 @@ def ema_adapter_weights(teacher_module: torch.nn.Module, section, shadow_state: 
     return {n: shadow_state[f"weights.{i}"] for i, n in enumerate(names)}
 
 
-def merged_student(teacher_module: torch.nn.Module, section, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A fresh copy of the teacher with the adapter ``weights`` (EMA) merged in: a plain transformer."""
+def _teacher_with_adapter(teacher_module: torch.nn.Module, section, weights: dict[str, torch.Tensor]):
+    """A fresh copy of the teacher carrying the adapter ``student`` with ``weights`` (the EMA)."""
     import copy
 
     m = copy.deepcopy(teacher_module)
@@ -159,6 +159,12 @@ def merged_student(teacher_module: torch.nn.Module, section, weights: dict[str, 
     with torch.no_grad():
         for n, w in weights.items():
             own[n].copy_(w.to(own[n].dtype))
+    return m
+
+
+def merged_student(teacher_module: torch.nn.Module, section, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The teacher with the adapter ``weights`` (EMA) merged in: a plain transformer."""
+    m = _teacher_with_adapter(teacher_module, section, weights)
     m.fuse_lora(adapter_names=["student"])
     m.unload_lora()
     return m
@@ -166,14 +172,7 @@ def merged_student(teacher_module: torch.nn.Module, section, weights: dict[str, 
 
 def save_adapter(teacher_module: torch.nn.Module, section, weights: dict[str, torch.Tensor], out: Path) -> Path:
     """The EMA adapter alone, as diffusers' ``save_lora_adapter`` writes it (``load_lora_adapter`` reads it)."""
-    import copy
-
-    m = copy.deepcopy(teacher_module)
-    m.add_adapter(lora_config(section), adapter_name="student")
-    own = dict(m.named_parameters())
-    with torch.no_grad():
-        for n, w in weights.items():
-            own[n].copy_(w.to(own[n].dtype))
+    m = _teacher_with_adapter(teacher_module, section, weights)
     out.mkdir(parents=True, exist_ok=True)
     m.save_lora_adapter(str(out), adapter_name="student")
     return out
