@@ -91,8 +91,11 @@ def distill_cmd(
 GATE_FAILED_EXIT = 3  # `cdm pipeline` / `cdm run`: the student was registered but not promoted
 
 
-def _pipeline(config: str, set_, serve_config, port, keep_serving, no_serve) -> None:
+def _pipeline(config: str, set_, serve_config, port, keep_serving, no_serve, sweep=None, sweep_set=None) -> None:
+    from functools import partial
+
     from serving.smoke import block_until_interrupted, serve_and_smoke
+    from tuning.sweep import run_or_reuse
     from workflows.config import load_config
     from workflows.distill_config import DistillConfig
     from workflows.pipeline import GateFailed, run_pipeline
@@ -107,6 +110,7 @@ def _pipeline(config: str, set_, serve_config, port, keep_serving, no_serve) -> 
             port=port,
             keep_serving=keep_serving,
             serve_stage=None if no_serve else serve_and_smoke,
+            sweep_stage=partial(run_or_reuse, sweep, list(sweep_set or [])) if sweep else None,
         )
     except GateFailed as e:
         typer.secho(str(e), fg=typer.colors.YELLOW, err=True)
@@ -130,8 +134,12 @@ def pipeline_cmd(
     port: Optional[int] = _PORT,
     keep_serving: bool = _KEEP,
     no_serve: bool = _NO_SERVE,
+    sweep: Optional[str] = typer.Option(
+        None, "--sweep", help="first run this sweep preset (or YAML) and distill with its best trial's values"
+    ),
+    sweep_set: Optional[list[str]] = typer.Option(None, "--sweep-set", help="override of the sweep config"),
 ):
-    """Distill -> evaluate against the teacher -> register -> quality gate -> alias `champion` -> serve ->
+    """(Sweep ->) distill -> evaluate against the teacher -> register -> quality gate -> alias `champion` -> serve ->
     smoke request -> summary (table, PNG grid, lineage), in one command.
 
     Each stage writes its output under `<storage>/<job key>/pipeline/`; running the same command again skips
@@ -140,15 +148,21 @@ def pipeline_cmd(
     version stays registered without the alias, the command exits with code 3, and
     `cdm promote NAME --version V --force` is the human override.
 
+    `--sweep PRESET` first runs that Ray Tune sweep (`cdm sweep`; same teacher and prompts required), then
+    distills with the best trial's searched values on top of this config, at this config's full budget. The
+    sweep's own best trial stays registered as `@candidate`; the distillation run is tagged with the sweep's
+    key and parent run. A finished sweep with the same key is read back, not run again.
+
     Examples:
 
     ```
     cdm pipeline --config tiny
     cdm pipeline --config tiny --keep-serving --port 8080
     cdm pipeline --config tiny --set gate.factor=0.5 --no-serve
+    cdm pipeline --config tiny --sweep sweep-tiny --sweep-set budget.num_samples=4
     ```
     """
-    _pipeline(config, set_, serve_config, port, keep_serving, no_serve)
+    _pipeline(config, set_, serve_config, port, keep_serving, no_serve, sweep, sweep_set)
 
 
 @app.command("run")

@@ -73,3 +73,84 @@ def test_pipeline_serves_a_gated_student_whose_lineage_walks_back_to_teacher_and
     assert "distill: done earlier, skipped" in cli.stdout and "evaluate: done earlier, skipped" in cli.stdout
     assert "champion" not in c.get_registered_model(name).aliases
     assert c.get_model_version(name, version).tags["cdm.gate"] == "failed"
+
+
+def _sweep_yaml(tmp: Path, **base_over) -> Path:
+    """Two 4-step trials on the tiny teacher: a usable learning rate and one that wrecks the student at once."""
+    import yaml
+
+    base = {
+        "storage_path": str(tmp / "runs"),
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},
+        "train": {"student_steps": 4, "batch_size_per_worker": 4, "log_every": 1, "sample_every": 100},
+        "cdm": {"n_max": 3},
+        "optim": {"warmup_steps": 0},
+        "scaling": {"num_workers": 1},
+        "eval": {"n_samples": 20},
+        **base_over,
+    }
+    d = {
+        "name": "pipe",
+        "preset": "tiny",
+        "base": base,
+        "validation": {"every": 2, "n_samples": 50},
+        "space": {"optim.lr_student": [1.0e-4, 0.3]},
+        "searcher": {"kind": "grid"},
+        "scheduler": {"kind": "none"},
+        "budget": {"max_concurrent_trials": 2, "trial_cpus": 0.25},
+    }
+    p = tmp / "sweep.yaml"
+    p.write_text(yaml.safe_dump(d, sort_keys=False))
+    return p
+
+
+def test_pipeline_with_a_sweep_distills_the_best_trials_values_and_reads_the_sweep_back_on_rerun(
+    ray_cluster, distill_env
+):
+    from functools import partial
+
+    from tuning.sweep import run_or_reuse
+    from workflows.config import load_config
+    from workflows.distill_config import DistillConfig
+    from workflows.pipeline import run_pipeline
+
+    tmp = distill_env
+    sweep = partial(run_or_reuse, str(_sweep_yaml(tmp)), [])
+    # the gate is not what this test is about: only both judges' FD, with room for a 4-step student
+    cfg = load_config(DistillConfig, "tiny", tiny_overrides(tmp, **{"gate.bands": "{}", "gate.factor": 10}))
+    assert cfg.optim.lr_student != 1.0e-4
+    out = run_pipeline(cfg, command="pytest", sweep_stage=sweep)
+    assert out["sweep"]["recipe"] == {"optim.lr_student": 1.0e-4} and out["sweep"]["trials"] == 2
+    assert out["times"]["sweep"]["skipped"] is False
+    c = mlflow_client(tmp)
+    run = c.get_run(out["run_id"])
+    assert float(run.data.params["optim.lr_student"]) == 1.0e-4  # the distillation trained the sweep's value
+    assert float(run.data.params["train.student_steps"]) == 4  # at the pipeline's budget, not the trials'
+    assert run.data.tags["cdm.recipe.sweep_key"] == out["sweep"]["sweep_key"]
+    parent = c.get_run(run.data.tags["cdm.recipe.sweep_run_id"])
+    assert parent.data.tags["cdm.kind"] == "sweep"
+    assert run.info.run_id not in {
+        r.info.run_id
+        for r in c.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    }  # the pipeline's job is not one of the sweep's trials
+    folder = Path(out["job_dir"]) / "pipeline"
+    assert json.loads((folder / "sweep.json").read_text())["sweep_key"] == out["sweep"]["sweep_key"]
+    assert "Recipe from sweep" in (folder / "summary.md").read_text()
+
+    again = run_pipeline(cfg, command="pytest", sweep_stage=sweep)
+    assert again["times"]["sweep"]["skipped"] is True and again["times"]["distill"]["skipped"] is True
+    assert again["version"] == out["version"]
+
+
+def test_a_sweep_on_other_prompts_than_the_pipelines_is_refused_naming_both(distill_env):
+    import pytest
+
+    from tuning.sweep import run_or_reuse
+    from workflows.config import ConfigError, load_config
+    from workflows.distill_config import DistillConfig
+
+    tmp = distill_env
+    (tmp / "mine.txt").write_text("a photo of a shoe\na photo of a bag\n")
+    cfg = load_config(DistillConfig, "tiny", tiny_overrides(tmp, prompts=str(tmp / "mine.txt")))
+    with pytest.raises(ConfigError, match="prompts .*builtin.* are not the pipeline's .*mine.txt"):
+        run_or_reuse(str(_sweep_yaml(tmp)), [], cfg)

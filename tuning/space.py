@@ -22,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from workflows.config import ConfigError, build, deep_merge
+from workflows.config import ConfigError, build, set_values
 from workflows.distill_config import DistillConfig
 
 KINDS = ("values", "choice", "grid", "uniform", "loguniform", "randint")
@@ -148,19 +148,10 @@ def _parse_param(path: str, spec: Any) -> Param:
     return Param(path, kind, (lo, hi))
 
 
-def _dotted(path: str, value: Any) -> dict:
-    d: dict = value
-    for part in reversed(path.split(".")):
-        d = {part: d}
-    return d
-
-
 def apply(base: DistillConfig | dict, params: dict[str, Any]) -> DistillConfig:
     """The trial's config: ``base`` with the dotted-path ``params`` set (validated)."""
     data = base.model_dump(mode="json") if isinstance(base, BaseModel) else dict(base)
-    for path, v in params.items():
-        data = deep_merge(data, _dotted(path, v))
-    return build(DistillConfig, data)
+    return build(DistillConfig, set_values(data, params))
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,36 @@ def run(sweep: SweepConfig, base: DistillConfig, space: Space, key: str, p: dict
         )
     grid = tuner.fit()
     return finalize(SweepRun(sweep, base, base_dict, space, key, parent, exp_path, command, t_start, cpu0), grid)
+
+
+def run_or_reuse(config: str, overrides: list[str] | None, cfg: DistillConfig) -> tuple[dict, bool]:
+    """The sweep stage of ``cdm pipeline``: the summary of sweep ``config`` (+ ``overrides``) and whether it was read
+    back from an earlier run of the same sweep (same key) instead of run now. The sweep must distill the same
+    teacher from the same prompts as the pipeline's ``cfg``, else its recipe is about another problem."""
+    from workflows.config import ConfigError
+    from workflows.distill import load_prompts, teacher_path
+    from workflows.evaluation import folder_hash
+
+    overrides = list(overrides or [])
+    sweep, base, _space, key = load(config, overrides)
+    if folder_hash(teacher_path(base)) != folder_hash(teacher_path(cfg)):
+        raise ConfigError(
+            f"--sweep {config}: its teacher ({base.teacher}) is not the pipeline's ({cfg.teacher}); "
+            "a recipe found for one teacher is not one for another"
+        )
+
+    def where(c: DistillConfig) -> str:
+        return c.prompts if c.prompts == "builtin" else str(Path(c.prompts).expanduser().resolve())
+
+    if where(base) != where(cfg) and load_prompts(base) != load_prompts(cfg):
+        raise ConfigError(
+            f"--sweep {config}: its prompts ({base.prompts}) are not the pipeline's ({cfg.prompts}); "
+            "set the sweep's base.prompts to the same file"
+        )
+    done = Path(base.storage_path) / "sweeps" / key / "report" / "summary.json"
+    try:
+        result = json.loads(done.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return main(config, overrides), False
+    console.print(f"\\[sweep] {key}: finished earlier, its report read back from {done}")
+    return result, True

@@ -112,6 +112,16 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+def set_values(data: dict, params: dict[str, Any]) -> dict:
+    """``data`` (a dumped config) with the dotted-path ``params`` set, e.g. ``{"cdm.alpha": 2.0}`` (a sweep's
+    trial, the recipe a sweep found); neither input is changed."""
+    for path, v in params.items():
+        over: dict = {}
+        _set_dotted(over, path, v)
+        data = deep_merge(data, over)
+    return data
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():

@@ -271,9 +271,9 @@ def train(job: Job, callbacks: list | None = None) -> tuple[Path, float]:
     return final, train_s
 
 
-def run_distill(cfg: DistillConfig, command: str = "") -> dict:
+def run_distill(cfg: DistillConfig, command: str = "", extra_tags: dict | None = None) -> dict:
     from workflows.export import finish
 
-    job = prepare(cfg, command)
+    job = prepare(cfg, command, extra_tags=extra_tags)
     final, train_s = train(job)
     return finish(job, final, {"train.wall_s": train_s})

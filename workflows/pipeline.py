@@ -3,6 +3,10 @@
 Stages, each writing its output under ``<job dir>/pipeline/`` (a rerun skips a stage whose output exists for
 the same inputs, so rerun = resume; the distillation itself resumes from its checkpoints):
 
+  sweep     optional (``cdm pipeline --sweep <sweep preset>``): a Ray Tune sweep on the same teacher and prompts
+            (``tuning.sweep.run_or_reuse``: a finished sweep with the same key is read back, an interrupted one
+            resumes); the best trial's searched values become the recipe of the distillation below, which then
+            trains at the pipeline preset's full budget (its job key includes them); sweep.json
   distill   the job (``workflows.distill``): train, export the EMA student, evaluate it, register a version
   evaluate  evaluation.json: the teacher at the student's steps and at 100 NFE (cached by content) beside the
             student, on the test seeds, both judges and the pixel panel
@@ -27,7 +31,7 @@ from workflows.compare import comparison_rows, quality_gate
 from workflows.distill_config import DistillConfig
 from workflows.progress import console
 
-STAGES = ("distill", "evaluate", "gate", "promote", "serve", "grid")
+STAGES = ("sweep", "distill", "evaluate", "gate", "promote", "serve", "grid")
 GATE_TAG = "cdm.gate"  # "passed" | "failed" on the model version; cdm.gate.rule / cdm.gate.report beside it
 
 
@@ -118,6 +122,46 @@ def promote_or_stop(cfg: DistillConfig, c, summary: dict, gate: dict, command: s
     )
 
 
+SWEEP_TAGS = ("cdm.recipe.sweep_key", "cdm.recipe.sweep_run_id")  # on the distillation run the sweep's recipe made
+
+
+def sweep_recipe(cfg: DistillConfig, result: dict) -> tuple[DistillConfig, dict]:
+    """``cfg`` with the best trial's searched values (``result``: ``cdm sweep``'s summary) and the record of it."""
+    from workflows.config import ConfigError, build, set_values
+
+    best = result["best"]["config"]
+    try:
+        new = build(DistillConfig, set_values(cfg.model_dump(mode="json"), best))
+    except ConfigError as e:
+        raise ConfigError(f"sweep {result['sweep_key']}: its best values do not fit this config: {e}") from None
+    record = {
+        "sweep_key": result["sweep_key"],
+        "parent_run_id": result["parent_run_id"],
+        "metric": result["metric"],
+        "best_trial": result["best"]["trial_id"],
+        "best_val": result["best"]["val"],
+        "best_at_student_steps": result["best"]["student_steps"],
+        "recipe": best,
+        "trials": result["trials"],
+        "candidate": f"{result['model']}/{result['version']}@{result['alias']}",
+        "report": result["report"]["markdown"],
+    }
+    changed = {k: (_get(cfg, k), v) for k, v in best.items() if _get(cfg, k) != v}
+    console.print(
+        f"\\[pipeline] recipe from sweep {result['sweep_key']} (best trial {record['best_trial']}, "
+        f"{result['metric']} {result['best']['val']:.4g} on the validation seed): "
+        + (", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "the preset's values already")
+    )
+    return new, record
+
+
+def _get(cfg: DistillConfig, path: str):
+    d = cfg.model_dump(mode="json")
+    for p in path.split("."):
+        d = d[p]
+    return d
+
+
 def run_pipeline(
     cfg: DistillConfig,
     command: str = "",
@@ -125,21 +169,34 @@ def run_pipeline(
     port: int | None = None,
     keep_serving: bool = False,
     serve_stage=None,
+    sweep_stage=None,
 ) -> dict:
     """Every stage in order; returns the summary (also ``pipeline/summary.json``). Raises GateFailed.
 
-    ``serve_stage`` is ``serving.smoke.serve_and_smoke``, passed by ``cdm pipeline`` (workflows does not import
-    serving); None skips the stage."""
+    ``serve_stage`` is ``serving.smoke.serve_and_smoke`` and ``sweep_stage`` a ``cfg -> (sweep summary, reused)``
+    callable (``tuning.sweep.run_or_reuse`` bound to a sweep preset), both passed by ``cdm pipeline`` (workflows
+    imports neither serving nor tuning); None skips the stage."""
     from workflows.distill import job_key, run_distill, storage_dir
     from workflows.pipeline_report import comparison_grid, lineage_of, report, write_summary
 
     t_start = time.time()
+    sweep, tags = None, None
+    if sweep_stage is not None:
+        console.rule("pipeline: sweep")
+        result, reused = sweep_stage(cfg)
+        cfg, sweep = sweep_recipe(cfg, result)
+        sweep["wall_s"] = round(result.get("wall_s", 0.0), 1)
+        tags = dict(zip(SWEEP_TAGS, (sweep["sweep_key"], sweep["parent_run_id"])))
     job_dir = storage_dir(cfg) / job_key(cfg)
     folder = job_dir / "pipeline"
     st = Stages(folder)
+    if sweep is not None:
+        st.times["sweep"] = {"skipped": reused, "wall_s": sweep["wall_s"]}
+        folder.mkdir(parents=True, exist_ok=True)
+        _write(folder / "sweep.json", sweep)
     # a job finished by `cdm distill` (job_dir/summary.json) counts as distilled too
     done = _registered(_read(folder / "distill.json")) or _registered(_read(job_dir / "summary.json"))
-    summary = st.run("distill", done, lambda: run_distill(cfg, command=command))
+    summary = st.run("distill", done, lambda: run_distill(cfg, command=command, extra_tags=tags))
     version = str(summary["version"])
     c = lineage.client(summary["tracking_uri"])
     from workflows.distill import teacher_path
@@ -173,6 +230,7 @@ def run_pipeline(
         "student_folder": summary["student_folder"],
         "exported_student_steps": summary.get("exported_student_steps"),
         "selection": summary.get("selection"),
+        "sweep": sweep,
         "gate": {k: gate[k] for k in ("passed", "lines", "rule")},
         "rows": ev["rows"],
         "times": st.times,

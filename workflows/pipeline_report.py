@@ -93,6 +93,12 @@ def write_summary(folder: Path, out: dict) -> dict:
         "",
         f"Lineage: {json.dumps(out.get('lineage'))}",
     ]
+    if out.get("sweep"):
+        sw = out["sweep"]
+        md.append(
+            f"Recipe from sweep {sw['sweep_key']} (MLflow parent run {sw['parent_run_id']}, {sw['trials']} trials, "
+            f"best {sw['metric']} {sw['best_val']:.4g} on the validation seed): {json.dumps(sw['recipe'])}"
+        )
     if out.get("smoke"):
         md.append(f"Smoke request: {out['smoke']['url']} -> version {out['smoke']['served_version']}")
     if out.get("grid"):
@@ -121,6 +127,9 @@ def report(out: dict) -> None:
         f"registered: {out['model']} version {out['version']} (MLflow run {out['run_id']}, {out['tracking_uri']})"
     )
     console.print(f"student (diffusers folder): {out['student_folder']}")
+    if out.get("sweep"):
+        sw = out["sweep"]
+        console.print(f"recipe from sweep {sw['sweep_key']} ({sw['trials']} trials): {json.dumps(sw['recipe'])}")
     if out.get("smoke"):
         s = out["smoke"]
         state = "still serving" if s.get("kept_serving") else "stopped"
