@@ -22,7 +22,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 KEYS = ("memory.weights_mib", "memory.optimizer_mib", "memory.peak_rss_mib")  # MLflow names: "/" -> "."
 
 
-def run_job(tmp: Path, teacher: str, lora: bool, batch: int) -> dict:
+def run_job(tmp: Path, teacher: str, lora: bool, batch: int, precision: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     from tests.distill_helpers import tiny_overrides
@@ -33,7 +33,12 @@ def run_job(tmp: Path, teacher: str, lora: bool, batch: int) -> dict:
     tmp.mkdir(parents=True, exist_ok=True)
     prompts = tmp / "prompts.txt"
     prompts.write_text("a photo of a bag\na red sneaker\na striped shirt\na pair of trousers\n")
-    extra = {"train.batch_size_per_worker": batch, "train.student_steps": 4, "scaling.num_workers": 1}
+    extra = {
+        "train.batch_size_per_worker": batch,
+        "train.student_steps": 4,
+        "scaling.num_workers": 1,
+        "deepspeed.precision": precision,
+    }
     if teacher != "builtin":
         extra.update(teacher=teacher, prompts=str(prompts))
     if lora:
@@ -58,13 +63,14 @@ def main() -> None:
         d = Path(d)
         sd3 = build_tiny_sd3(d / "sd3-pipeline")
         for name, teacher in (("built-in teacher (2.4 M)", "builtin"), ("tiny SD3 pipeline", str(sd3))):
-            for lora in (False, True):
-                r = run_job(d / f"{len(rows)}", teacher, lora, a.batch)
-                rows.append({"teacher": name, "mode": "lora r16" if lora else "full", **r})
+            for precision in ("fp32", "bf16"):
+                for lora in (False, True):
+                    r = run_job(d / f"{len(rows)}", teacher, lora, a.batch, precision)
+                    rows.append({"teacher": name, "precision": precision, "mode": "lora r16" if lora else "full", **r})
                 print(json.dumps(rows[-1]), flush=True)
     out = Path(a.out)
     res = {
-        "machine": f"{platform.machine()} CPU, 1 worker, fp32, ZeRO-2, batch {a.batch} per worker",
+        "machine": f"{platform.machine()} CPU, 1 worker, ZeRO-2, batch {a.batch} per worker",
         "command": "OMP_NUM_THREADS=1 python benchmarks/memory_modes.py",
         "rows": rows,
     }
@@ -76,14 +82,16 @@ def main() -> None:
         "DeepSpeed, 4 student steps); the values are the maxima its worker logged to MLflow. `weights`: the unique",
         "storages of the teacher's, student's, fake teacher's and EMA's weights the worker holds; `optimizer`: the",
         "AdamW moments; `peak RSS`: the worker process (Python, torch and Ray included, so the weights' share is small",
-        "on these tiny models). The projection for SD3-Medium and LongCat-Image is in `memory.md`.",
+        "on these tiny models). The projection for SD3-Medium and LongCat-Image is in `memory.md`. bf16: DeepSpeed's",
+        "bf16 engines (fp32 masters in the optimizer) and the frozen teacher, or LoRA's shared base, cast to bf16",
+        "(`workflows.worker_roles.freeze_to`); the EMA stays fp32.",
         "",
-        "| teacher | mode | weights MiB | optimizer MiB | peak RSS MiB |",
-        "|---|---|---|---|---|",
+        "| teacher | precision | mode | weights MiB | optimizer MiB | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = f"{r['weights_mib']:.2f} | {r['optimizer_mib']:.2f} | {r['peak_rss_mib']:.0f}"
-        lines.append(f"| {r['teacher']} | {r['mode']} | {cells} |")
+        lines.append(f"| {r['teacher']} | {r['precision']} | {r['mode']} | {cells} |")
     (out / "memory_jobs.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

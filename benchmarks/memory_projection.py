@@ -84,7 +84,8 @@ def projection() -> dict:
     rows = []
     for name, f in facts.items():
         rows += [row(name, f, "recipe", m, s) for m in ("full", "lora") for s in (2, 3)]
-        rows += [row(name, f, "fp32 teacher (as loaded today)", "full", s, teacher_precision="fp32") for s in (2, 3)]
+        fp32 = "fp32 frozen teacher (before the bf16 cast)"
+        rows += [row(name, f, fp32, "full", s, teacher_precision="fp32") for s in (2, 3)]
         rows.append(row(name, f, "recipe", "full", 2, False))
         rows.append(row(name, f, "teacher in its own ZeRO-3 engine", "full", 3, teacher_sharded=True))
     return {"backbones": facts, "rows": rows}
@@ -268,9 +269,10 @@ NOTES = [
     "x2 for the two student graphs of a CDM student step, per-block checkpointing (block inputs + one block).",
     "- ZeRO-3 gather: the larger of the live layers during compute (DeepSpeed's 1e9-parameter default) and the "
     "fake->student blend, which gathers both networks while no activations are held.",
-    "- 'fp32 teacher': full mode's frozen teacher is loaded at `load_model`'s default fp32 and DeepSpeed casts only "
-    "the engines to bf16 (LoRA's base sits in the engines). LoRA + ZeRO-3 is refused by today's config (LoRA runs on "
-    "ZeRO-2): that row is what it would take. 80 / 141 GiB are nominal (an H200 reports ~140 GiB usable).",
+    "- 'fp32 frozen teacher': what full mode cost before the workers cast the frozen teacher (LoRA: the shared base) "
+    "to the engines' bf16 (`workflows.worker_roles.freeze_to`, measured in `memory_jobs.md`); the recipe rows hold "
+    "it in bf16. LoRA + ZeRO-3 is refused by today's config (LoRA runs on ZeRO-2): that row is what it would take. "
+    "80 / 141 GiB are nominal (an H200 reports ~140 GiB usable).",
 ]
 
 

@@ -91,7 +91,7 @@ def train_loop_per_worker(config: dict) -> None:
     from workflows import checkpoints, lineage
     from workflows.model_folder import load_model
     from workflows.validation import Validator, log_sample_grid
-    from workflows.worker_roles import build_roles, ema_model, held_mib, teacher_model
+    from workflows.worker_roles import build_roles, ema_model, freeze_to, held_mib, teacher_model
 
     spec = WorkerSpec.model_validate(config)
     cfg = spec.cfg
@@ -112,6 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
     empty_b = empty.expand(b).to(dev)
     shape = (b, *teacher.shape)
     dtype = torch.bfloat16 if st.engine.bfloat16_enabled() else torch.float32
+    freeze_to(teacher.module, dtype)
 
     iteration, samples_seen, resumes = 0, 0, []
     # eval.keep_best: the EMA with the best validation score (eval.select_by) so far rides along in every

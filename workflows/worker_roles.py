@@ -93,6 +93,21 @@ def teacher_model(roles: Roles, module):
         roles.lora.activate("student")
 
 
+def freeze_to(teacher_module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the frozen weights (the real teacher; in LoRA mode the shared base, never its ``lora_`` adapters, which
+    the engines own) to the engines' compute dtype: a bf16 step feeds bf16 inputs to the teacher, and a frozen copy
+    needs no fp32 master weights (half the memory of the largest frozen role). Call after :func:`build_roles`,
+    which copies the teacher's fp32 weights into the student's and the fake teacher's engines (their fp32 masters
+    start from them)."""
+    for name, p in teacher_module.named_parameters():
+        if "lora_" not in name and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    for name, buf in list(teacher_module.named_buffers()):
+        if "lora_" not in name and buf.is_floating_point() and buf.dtype != dtype:
+            mod_name, _, attr = name.rpartition(".")
+            setattr(teacher_module.get_submodule(mod_name) if mod_name else teacher_module, attr, buf.to(dtype))
+
+
 def _storages(tensors) -> dict[int, int]:
     return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t.numel()}
 

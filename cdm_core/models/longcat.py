@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from cdm_core.conditioning import Cond
+from cdm_core.models.dtypes import weight_dtype
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -53,19 +54,20 @@ class LongCatVelocity:
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         b, _, h, w = x_t.shape
-        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype)
+        dt = weight_dtype(self.model)  # inputs in the weights' dtype, the answer in the input's
+        t = torch.as_tensor(t, device=x_t.device, dtype=dt)
         if t.ndim == 0:
             t = t.expand(b)
         n_txt = cond.tokens.shape[1]
         out = self.model(
-            hidden_states=pack(x_t),
+            hidden_states=pack(x_t.to(dt)),
             timestep=t,
-            encoder_hidden_states=cond.tokens.to(x_t.dtype),
+            encoder_hidden_states=cond.tokens.to(dt),
             txt_ids=text_ids(n_txt).to(x_t.device),
             img_ids=image_ids(h // 2, w // 2, n_txt).to(x_t.device),
             return_dict=False,
         )[0]
-        return unpack(out, h, w)
+        return unpack(out, h, w).to(x_t.dtype)
 
 
 class LongCatFamily:

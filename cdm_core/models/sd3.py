@@ -11,6 +11,7 @@ import torch
 
 from cdm_core.conditioning import Cond
 from cdm_core.flow import TIMESTEP_SCALE
+from cdm_core.models.dtypes import weight_dtype
 
 
 class SD3Velocity:
@@ -20,17 +21,18 @@ class SD3Velocity:
         self.model = model
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
-        t = torch.as_tensor(t, device=x_t.device, dtype=x_t.dtype)
+        dt = weight_dtype(self.model)  # a bf16 teacher sampled from fp32 noise computes in bf16, answers in fp32
+        t = torch.as_tensor(t, device=x_t.device, dtype=dt)
         if t.ndim == 0:
             t = t.expand(x_t.shape[0])
         out = self.model(
-            hidden_states=x_t,
+            hidden_states=x_t.to(dt),
             timestep=t * TIMESTEP_SCALE,
-            encoder_hidden_states=cond.tokens.to(x_t.dtype),
-            pooled_projections=cond.pooled.to(x_t.dtype),
+            encoder_hidden_states=cond.tokens.to(dt),
+            pooled_projections=cond.pooled.to(dt),
             return_dict=False,
         )[0]
-        return out
+        return out.to(x_t.dtype)
 
 
 class SD3Family:
