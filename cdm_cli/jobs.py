@@ -11,7 +11,7 @@ import typer
 from cdm_cli import _command_line, _threads, app, user_errors
 
 
-def _dry_run(cfg, job_key, load_prompts, resources, storage_dir, teacher_path, tracking_uri) -> None:
+def _dry_run(cfg, job_key, check_prompts, resources, storage_dir, teacher_path, tracking_uri) -> None:
     """The resolved config, job key, resources and memory plan; what would stop the job is listed under
     ``problems`` (exit code 2) instead of ending the dry run at the first one."""
     from pathlib import Path
@@ -24,7 +24,7 @@ def _dry_run(cfg, job_key, load_prompts, resources, storage_dir, teacher_path, t
     except (ValueError, FileNotFoundError) as e:
         problems.append(str(e))
     try:
-        n_prompts = len(load_prompts(cfg))
+        n_prompts = check_prompts(cfg).n
     except (ValueError, FileNotFoundError) as e:
         problems.append(str(e))
     try:
@@ -74,13 +74,13 @@ def distill_cmd(
     """
 
     from workflows.config import load_config
-    from workflows.distill import job_key, load_prompts, resources, run_distill, storage_dir, teacher_path
+    from workflows.distill import check_prompts, job_key, resources, run_distill, storage_dir, teacher_path
     from workflows.distill_config import DistillConfig
     from workflows.lineage import tracking_uri
 
     cfg = load_config(DistillConfig, config, set_)
     if dry_run:
-        _dry_run(cfg, job_key, load_prompts, resources, storage_dir, teacher_path, tracking_uri)
+        _dry_run(cfg, job_key, check_prompts, resources, storage_dir, teacher_path, tracking_uri)
         return
     summary = run_distill(cfg, command=_command_line())
     from workflows.progress import console

@@ -105,10 +105,10 @@ def main(config: str = "sweep-tiny", overrides: list[str] | None = None, dry_run
     if dry_run:
         print_plan(p)
         return p
-    from workflows.distill import load_prompts, teacher_path
+    from workflows.distill import check_prompts, teacher_path
 
     teacher_path(base)
-    load_prompts(base)
+    check_prompts(base)
     return run(sweep, base, space, key, p, _command(config, overrides))
 
 
@@ -147,7 +147,7 @@ def run(sweep: SweepConfig, base: DistillConfig, space: Space, key: str, p: dict
 
     from tuning.space import apply
     from tuning.trial import run_trial
-    from workflows.distill import load_prompts, prompt_embeddings, teacher_path
+    from workflows.distill import embed, teacher_path
     from workflows.evaluation import folder_hash
 
     t_start, cpu0 = time.time(), cpu_seconds()
@@ -163,7 +163,7 @@ def run(sweep: SweepConfig, base: DistillConfig, space: Space, key: str, p: dict
     init_ray(p["resources"]["peak"].get("cpus", 1))
     _check_fits(p)
     teacher = teacher_path(base)
-    prompt_embeddings(load_prompts(base), folder_hash(teacher), storage, teacher)  # once, before the trials
+    embed(base, folder_hash(teacher), storage, teacher)  # once, before the trials
 
     sweep_ctx = {"key": key, "parent_run_id": parent, "command": command}
     trainable = tune.with_resources(
@@ -206,7 +206,7 @@ def run_or_reuse(config: str, overrides: list[str] | None, cfg: DistillConfig) -
     back from an earlier run of the same sweep (same key) instead of run now. The sweep must distill the same
     teacher from the same prompts as the pipeline's ``cfg``, else its recipe is about another problem."""
     from workflows.config import ConfigError
-    from workflows.distill import load_prompts, teacher_path
+    from workflows.distill import check_prompts, teacher_path
     from workflows.evaluation import folder_hash
 
     overrides = list(overrides or [])
@@ -217,10 +217,7 @@ def run_or_reuse(config: str, overrides: list[str] | None, cfg: DistillConfig) -
             "a recipe found for one teacher is not one for another"
         )
 
-    def where(c: DistillConfig) -> str:
-        return c.prompts if c.prompts == "builtin" else str(Path(c.prompts).expanduser().resolve())
-
-    if where(base) != where(cfg) and load_prompts(base) != load_prompts(cfg):
+    if check_prompts(base).sha256 != check_prompts(cfg).sha256:  # the same prompts, in any format
         raise ConfigError(
             f"--sweep {config}: its prompts ({base.prompts}) are not the pipeline's ({cfg.prompts}); "
             "set the sweep's base.prompts to the same file"

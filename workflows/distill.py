@@ -26,8 +26,6 @@ from workflows.embedding_job import prompt_embeddings
 from workflows.model_folder import check_model_folder, class_name_of
 from workflows.progress import console
 
-MAX_PROMPT_CHARS = 1000
-
 
 def teacher_path(cfg: DistillConfig) -> Path:
     """The checked teacher folder: it exists, has a transformer of a known family, and when ``teacher_class``
@@ -49,25 +47,27 @@ def teacher_path(cfg: DistillConfig) -> Path:
     return p
 
 
-def load_prompts(cfg: DistillConfig) -> list[str]:
-    if cfg.prompts == "builtin":
-        from workflows.prompts import train_prompts
+def check_prompts(cfg: DistillConfig):
+    """The prompt source validated in one streamed pass (``workflows.prompt_files.Scan``: count, chunk starts,
+    content hash); one error naming the file and line when something in it is wrong."""
+    from workflows.embedding_job import ROWS_PER_PART
+    from workflows.prompt_files import scan
 
-        return [p for p, _ in train_prompts()]
-    path = Path(cfg.prompts).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts: {path} is not a file (one prompt per line)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"prompts: {path} is not UTF-8 text") from None
-    prompts = [ln.strip() for ln in lines if ln.strip()]
-    if not prompts:
-        raise ValueError(f"prompts: {path} holds no prompt")
-    long = [i + 1 for i, ln in enumerate(lines) if len(ln) > MAX_PROMPT_CHARS]
-    if long:
-        raise ValueError(f"prompts: {path} line {long[0]} is longer than {MAX_PROMPT_CHARS} characters")
-    return prompts
+    return scan(cfg.prompts, ROWS_PER_PART)
+
+
+def load_prompts(cfg: DistillConfig) -> list[str]:
+    """Every prompt as a list (small sources; the job itself streams them: ``check_prompts``, the embedding job)."""
+    from workflows.prompt_files import iter_prompts
+
+    check_prompts(cfg)
+    return list(iter_prompts(cfg.prompts))
+
+
+def compute_dtype(cfg: DistillConfig) -> str:
+    """ "bfloat16" or "float32": what the DeepSpeed engines compute in (``deepspeed.precision``; auto: bf16 on GPU)."""
+    p = cfg.deepspeed.precision
+    return "bfloat16" if p == "bf16" or (p == "auto" and cfg.scaling.use_gpu) else "float32"
 
 
 # Sections that judge a finished job rather than define it: not part of its hash (a new gate re-judges, no retrain)
@@ -202,6 +202,21 @@ def open_job(
     return Job(cfg, key, teacher, t_hash, storage, job_dir, uri, c, run_id, resumed, tags, None)
 
 
+def embed(cfg: DistillConfig, teacher_hash: str, storage: Path, teacher: Path) -> Path:
+    """The job's prompt-embedding store (computed by the Ray Data job the first time): one encoder actor per
+    worker GPU on a GPU cluster, one CPU actor here."""
+    gpu = cfg.scaling.use_gpu
+    return prompt_embeddings(
+        cfg.prompts,
+        teacher_hash,
+        storage,
+        teacher,
+        actors=cfg.scaling.num_workers if gpu else 1,
+        use_gpu=gpu,
+        dtype=compute_dtype(cfg),
+    )
+
+
 def prepare(
     cfg: DistillConfig,
     command: str = "",
@@ -211,13 +226,13 @@ def prepare(
 ) -> Job:
     """What :func:`train` needs: the checked inputs, Ray (joined or started), the job's MLflow run
     (:func:`open_job`) and the prompt embeddings (computed once per teacher and prompt list)."""
-    prompts = load_prompts(cfg)
+    check_prompts(cfg)
     teacher_path(cfg)
     if check_resume:  # before Ray starts: a corrupt checkpoint is one error line, not a cluster start-up
         resume_point(cfg)
     init_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     job = open_job(cfg, command, parent_run_id, extra_tags, check_resume=False)
-    job.embeddings = prompt_embeddings(prompts, job.teacher_hash, job.storage, job.teacher)
+    job.embeddings = embed(cfg, job.teacher_hash, job.storage, job.teacher)
     return job
 
 

@@ -164,7 +164,11 @@ class DistillConfig(Strict):
     teacher_class: Literal["StableDiffusion3Pipeline", "LongCatImagePipeline"] | None = Field(
         None, description="the pipeline class the teacher folder must be (a preset's check; not part of the job key)"
     )
-    prompts: str = Field("builtin", description="'builtin' or a text file, one prompt per line")
+    prompts: str = Field(
+        "builtin",
+        description="'builtin' or a prompt file: .txt (one per line), .jsonl or .parquet (a prompt / text / caption "
+        "field), streamed",
+    )
     storage_path: str = Field("runs", description="checkpoint storage (local dir or shared storage)")
     cdm: CDMSection = CDMSection()
     optim: OptimSection = OptimSection()

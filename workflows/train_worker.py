@@ -64,13 +64,6 @@ def peak_memory(dev) -> dict[str, float]:
     return out
 
 
-def _load_embeddings(path: str):
-    from cdm_core.conditioning import Cond
-
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    return Cond(blob["tokens"], blob["pooled"]), Cond(blob["empty_tokens"], blob["empty_pooled"])
-
-
 def _worker_layout(rank: int) -> list[dict]:
     """Every rank's node and process, gathered on all ranks (rank 0 records them in MLflow)."""
     import ray
@@ -86,10 +79,10 @@ def _worker_layout(rank: int) -> list[dict]:
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
 
-    from cdm_core.reference_loop import prompt_batch
     from cdm_core.seeds import prompt_stream
     from workflows import checkpoints, lineage
     from workflows.model_folder import load_model
+    from workflows.prompt_store import PromptStore
     from workflows.validation import Validator, log_sample_grid
     from workflows.worker_roles import build_roles, ema_model, freeze_to, held_mib, teacher_model
 
@@ -107,9 +100,8 @@ def train_loop_per_worker(config: dict) -> None:
     d = roles.distiller
     step, st, ft, ema = d.step, d.student, d.fake, d.ema
 
-    prompts, empty = _load_embeddings(spec.embeddings)
-    shard = prompts.index(slice(rank, None, world)) if len(prompts) >= world else prompts
-    empty_b = empty.expand(b).to(dev)
+    store = PromptStore(spec.embeddings, rank, world)  # this rank's shard, whole or one part at a time
+    empty_b = store.empty.expand(b).to(dev)
     shape = (b, *teacher.shape)
     dtype = torch.bfloat16 if st.engine.bfloat16_enabled() else torch.float32
     freeze_to(teacher.module, dtype)
@@ -187,7 +179,7 @@ def train_loop_per_worker(config: dict) -> None:
     stream = prompt_stream(cfg.cdm.seed, rank)
 
     while step.student_steps < total:
-        cond = prompt_batch(shard, b, stream, iteration).to(dev)
+        cond = store.batch(b, stream, iteration).to(dev)
         res = step(iteration, cond, empty_b, shape, device=dev, dtype=dtype)
         iteration += 1
         iters_window += 1
@@ -227,7 +219,7 @@ def train_loop_per_worker(config: dict) -> None:
 
                 decode = LatentDecoder(spec.teacher_path, dev)
             with ema_model(roles) as m_ema:
-                args = (prompts, empty, shape, dev, core.sampler_steps, core.shift, decode)
+                args = (store.head(10), store.empty, shape, dev, core.sampler_steps, core.shift, decode)
                 log_sample_grid(c, run_id, m_ema, teacher.family, s, *args)
         val_due = bool(val_every) and s % val_every == 0
         if s % cfg.train.checkpoint_every == 0 or s == total or val_due:
