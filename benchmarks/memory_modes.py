@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 RESULTS = Path(__file__).resolve().parent / "results"
-KEYS = ("memory.weights_mib", "memory.optimizer_mib", "memory.peak_rss_mib")  # MLflow names: "/" -> "."
+# MLflow names: "/" -> "."
+KEYS = ("memory.weights_mib", "memory.optimizer_mib", "memory.master_mib", "memory.peak_rss_mib")
 
 
 def run_job(tmp: Path, teacher: str, lora: bool, batch: int, precision: str) -> dict:
@@ -81,16 +82,18 @@ def main() -> None:
         f"Machine: {res['machine']}. Command: `{res['command']}`. Each row is one real `cdm distill` job (Ray Train +",
         "DeepSpeed, 4 student steps); the values are the maxima its worker logged to MLflow. `weights`: the unique",
         "storages of the teacher's, student's, fake teacher's and EMA's weights the worker holds; `optimizer`: the",
-        "AdamW moments; `peak RSS`: the worker process (Python, torch and Ray included, so the weights' share is small",
+        "AdamW moments; `masters`: the tensors that optimizer steps when they are not the modules' own (DeepSpeed's",
+        "flat fp32 partitions: the master weights under bf16); `peak RSS`: the worker process (Python, torch and Ray",
+        "included, so the weights' share is small",
         "on these tiny models). The projection for SD3-Medium and LongCat-Image is in `memory.md`. bf16: DeepSpeed's",
         "bf16 engines (fp32 masters in the optimizer) and the frozen teacher, or LoRA's shared base, cast to bf16",
         "(`workflows.worker_roles.freeze_to`); the EMA stays fp32.",
         "",
-        "| teacher | precision | mode | weights MiB | optimizer MiB | peak RSS MiB |",
-        "|---|---|---|---|---|---|",
+        "| teacher | precision | mode | weights MiB | optimizer MiB | masters MiB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        cells = f"{r['weights_mib']:.2f} | {r['optimizer_mib']:.2f} | {r['peak_rss_mib']:.0f}"
+        cells = f"{r['weights_mib']:.2f} | {r['optimizer_mib']:.2f} | {r['master_mib']:.2f} | {r['peak_rss_mib']:.0f}"
         lines.append(f"| {r['teacher']} | {r['precision']} | {r['mode']} | {cells} |")
     (out / "memory_jobs.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

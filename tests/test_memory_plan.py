@@ -105,10 +105,12 @@ def test_lora_mode_holds_one_base_and_scales_with_the_adapter_only():
         assert lora[term] < full[term] / 40  # 2B vs 40M: the adapter, not the base, sets these terms
 
 
-def test_optimizer_states_are_twelve_bytes_per_weight_in_mixed_precision_and_eight_in_fp32():
+def test_optimizer_states_are_twelve_bytes_per_weight_in_bf16_and_in_fp32():
+    """Two fp32 moments plus the flat fp32 partition ZeRO steps: a copy beside the module's weights in fp32 too
+    (memory_jobs.md measures it: 18 MiB of masters for the 2.4 M-weight student and fake teacher in fp32)."""
     bf16 = _plan(n_gpus=1, precision="bf16")["terms_gib"]["optimizer"]
     fp32 = _plan(n_gpus=1, precision="fp32")["terms_gib"]["optimizer"]
-    assert bf16 * mp.GIB == pytest.approx(2 * 2e9 * 12) and fp32 * mp.GIB == pytest.approx(2 * 2e9 * 8)
+    assert bf16 * mp.GIB == pytest.approx(2 * 2e9 * 12) and fp32 * mp.GIB == pytest.approx(2 * 2e9 * 12)
 
 
 def test_every_term_is_non_negative_and_the_total_is_their_sum():

@@ -212,8 +212,9 @@ def plan(
     - ``trainable``: student + fake, ``2 * T * p / S`` (ZeRO-3 partitions parameters, ZeRO-2 does not).
     - ``gradients``: ``T * p / N``: ZeRO-2 and 3 keep each rank's partition of the reduced gradients; one network
       backpropagates at a time (fake step, then student step) and ``engine.step`` frees them.
-    - ``optimizer``: AdamW for both networks, ``2 * T * k / N`` with ``k = 12`` under bf16 mixed precision (fp32
-      ``m``, ``v`` and master weights) or ``k = 8`` in fp32 (``m``, ``v``); ZeRO-2 and 3 partition them.
+    - ``optimizer``: AdamW for both networks, ``2 * T * k / N`` with ``k = 12``: fp32 ``m``, ``v`` and the flat fp32
+      partition the optimizer steps, which ZeRO keeps beside the module's weights in fp32 as in bf16 (measured:
+      ``benchmarks/results/memory_jobs.md``, the ``masters`` column); ZeRO-2 and 3 partition them.
     - ``ema``: the student's fp32 shadow, ``T * 4`` on rank 0 (``ema_on_rank0``; the worker today builds it on
       every rank, which does not change the busiest GPU), or ``T * 4 / N`` if it were partitioned.
     - ``activations``: ``micro_batch * activation_bytes_per_sample`` (see :func:`dit_activation_bytes`).
@@ -245,7 +246,7 @@ def plan(
     t = n_params if mode == "full" else lora_params
     if teacher_sharded is None:
         teacher_sharded = z3 and mode == "lora"
-    k = 12 if precision == "bf16" else 8
+    k = 12  # moments + ZeRO's flat fp32 partition, whatever the module's precision
     live = min(n_params, ZERO3_MAX_LIVE_PARAMS) * p
     blend = 2 * t * p * (1 - 1 / n_gpus)
     activations = micro_batch * activation_bytes_per_sample

@@ -113,15 +113,23 @@ def _storages(tensors) -> dict[int, int]:
 
 
 def held_mib(roles: Roles, teacher_module) -> dict[str, float]:
-    """What this worker holds, exactly: the unique storages of every role's weights (teacher, student, fake, EMA)
-    and of the optimizers' state tensors (AdamW moments, found on the innermost torch optimizer), in MiB."""
+    """What this worker holds, exactly: the unique storages of every role's weights (teacher, student, fake, EMA),
+    of the optimizers' state tensors (AdamW moments, found on the innermost torch optimizer) and of the tensors that
+    optimizer steps when they are not the modules' own (DeepSpeed's flat fp32 partitions: the master weights under
+    bf16, a flat copy under ZeRO in fp32), in MiB."""
     d = roles.distiller
     mods = [teacher_module, d.student.module, d.fake.module, d.ema.shadow]
     weights = _storages(t for m in mods for t in list(m.parameters()) + list(m.buffers()))
-    states = {}
+    states, masters = {}, {}
     for tr in (d.student, d.fake):
         opt = tr.engine.optimizer
         while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
             opt = opt.optimizer  # DeepSpeed's ZeRO optimizer wraps the torch AdamW
         states.update(_storages(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)))
-    return {"memory/weights_mib": sum(weights.values()) / 2**20, "memory/optimizer_mib": sum(states.values()) / 2**20}
+        masters.update(_storages(p for g in opt.param_groups for p in g["params"]))
+    masters = {k: v for k, v in masters.items() if k not in weights}
+    return {
+        "memory/weights_mib": sum(weights.values()) / 2**20,
+        "memory/optimizer_mib": sum(states.values()) / 2**20,
+        "memory/master_mib": sum(masters.values()) / 2**20,
+    }
