@@ -13,7 +13,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from serving.config import MAX_UPSCALED_PX, NATIVE_SCALES, ServeArgs
 
-NON_BLANK = r"\S"  # a prompt needs one non-whitespace character (the OpenAPI ``pattern`` of every prompt)
+# A prompt needs one non-whitespace character: the OpenAPI ``pattern`` of every prompt and the server's own check.
+# Spelled out rather than ``\S``, whose meaning differs between regex dialects (Python's covers U+001C-U+001F,
+# ECMA's and ASCII-mode ones do not): a schema-driven client once sent "\x1f", valid by the schema's ``\S`` and
+# empty by the server's. This class is exactly ``str.isspace``, in ``\uXXXX`` escapes that every dialect reads alike.
+NON_BLANK = r"[^\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 SEED_MAX = 2**63 - 1
 FREE_TEXT_CHARS = 1000  # the OpenAI fields accepted for compatibility and ignored (quality, style, user)
 

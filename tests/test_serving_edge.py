@@ -202,3 +202,23 @@ def test_openapi_bounds_come_from_the_deployments_args():
     post = doc["paths"]["/generate"]["post"]
     assert post["requestBody"]["x-cdm-max-body-bytes"] == 1 << 20 and "422" not in post["responses"]
     assert {"400", "413", "503"} <= set(post["responses"]) and "HTTPValidationError" not in s
+
+
+def test_a_blank_prompt_means_the_same_to_the_schema_and_to_the_server():
+    """The OpenAPI ``pattern`` of a prompt is the server's own check, and it reads alike in every regex dialect: a
+    schema-driven client found "\\x1f" valid by a ``\\S`` pattern (ECMA / ASCII semantics) and blank to the server."""
+    import re
+
+    from serving.config import ServeArgs
+    from serving.errors import BadRequest
+    from serving.schemas import NON_BLANK, check_prompts
+
+    for cp in range(0x3100):  # every whitespace character str.isspace knows lies below U+3100
+        c = chr(cp)
+        want = not c.isspace()
+        assert bool(re.search(NON_BLANK, c)) == want == bool(re.search(NON_BLANK, c, re.ASCII)), hex(cp)
+    args = ServeArgs(model="builtin")
+    for blank in ("\x1f", " \u3000\t", "\u2028\x85"):
+        with pytest.raises(BadRequest, match="empty prompt"):
+            check_prompts([blank], args)
+    assert check_prompts(["\x1fa"], args) == ["\x1fa"]
