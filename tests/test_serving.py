@@ -545,8 +545,12 @@ def _image_bytes(r: requests.Response) -> bytes:
     return b"".join(base64.b64decode(d["b64_json"]) for d in r.json()["data"])
 
 
-def _under_load(url: str, threads: int, until, pause_s: float = 0.0) -> list[tuple[int, requests.Response]]:
-    """Send ``LOAD`` round-robin from ``threads`` threads until ``until()`` is true; (request index, response)."""
+def _under_load(
+    url: str, threads: int, until, pause_s: float = 0.0, warm: int = 0
+) -> list[tuple[int, requests.Response]]:
+    """Send ``LOAD`` round-robin from ``threads`` threads until ``until()`` is true; (request index, response).
+    ``warm``: call ``until`` only once that many answers came back, so the load is flowing (on a loaded machine the
+    threads can take seconds to send their first requests, and a kill before then finds nothing in flight)."""
     stop, out = threading.Event(), []
 
     def loop(k):
@@ -560,6 +564,9 @@ def _under_load(url: str, threads: int, until, pause_s: float = 0.0) -> list[tup
     workers = [threading.Thread(target=loop, args=(k,)) for k in range(threads)]
     for w in workers:
         w.start()
+    deadline = time.time() + 120
+    while len(out) < warm and time.time() < deadline:
+        time.sleep(0.05)
     try:
         until()
     finally:
@@ -601,7 +608,7 @@ def test_replica_killed_under_load_fails_over_without_500s(service):
             time.sleep(0.2)
         time.sleep(1.0)
 
-    out = _under_load(url, 6, kill_and_wait_for_replacement)
+    out = _under_load(url, 6, kill_and_wait_for_replacement, warm=6)
     codes = [r.status_code for _, r in out]
     assert set(codes) == {200}, sorted(set(codes))
     assert victim not in new_pids and len(new_pids - pids) >= 1, (pids, new_pids)
@@ -634,7 +641,7 @@ def test_losing_the_last_replica_is_503_with_retry_after_then_recovers(service, 
             time.sleep(0.5)
         time.sleep(1.0)
 
-    out = _under_load(url, 4, kill_and_wait_for_replacement)
+    out = _under_load(url, 4, kill_and_wait_for_replacement, warm=4)
     codes = [r.status_code for _, r in out]
     assert set(codes) <= {200, 503} and 503 in codes, codes
     for _, r in out:
