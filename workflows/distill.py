@@ -202,12 +202,12 @@ def open_job(
     return Job(cfg, key, teacher, t_hash, storage, job_dir, uri, c, run_id, resumed, tags, None)
 
 
-def embed(cfg: DistillConfig, teacher_hash: str, storage: Path, teacher: Path) -> Path:
+def embed(cfg: DistillConfig, teacher_hash: str, storage: Path, teacher: Path, checked=None) -> Path:
     """The job's prompt-embedding store (computed by the Ray Data job the first time): one encoder actor per
-    worker GPU on a GPU cluster, one CPU actor here."""
+    worker GPU on a GPU cluster, one CPU actor here. ``checked``: the ``check_prompts`` result, not scanned again."""
     gpu = cfg.scaling.use_gpu
     return prompt_embeddings(
-        cfg.prompts,
+        checked if checked is not None else cfg.prompts,
         teacher_hash,
         storage,
         teacher,
@@ -226,13 +226,13 @@ def prepare(
 ) -> Job:
     """What :func:`train` needs: the checked inputs, Ray (joined or started), the job's MLflow run
     (:func:`open_job`) and the prompt embeddings (computed once per teacher and prompt list)."""
-    check_prompts(cfg)
+    checked = check_prompts(cfg)
     teacher_path(cfg)
     if check_resume:  # before Ray starts: a corrupt checkpoint is one error line, not a cluster start-up
         resume_point(cfg)
     init_ray(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + 1)
     job = open_job(cfg, command, parent_run_id, extra_tags, check_resume=False)
-    job.embeddings = embed(cfg, job.teacher_hash, job.storage, job.teacher)
+    job.embeddings = embed(cfg, job.teacher_hash, job.storage, job.teacher, checked)
     return job
 
 

@@ -75,7 +75,7 @@ def store_dir(storage: Path, teacher_hash: str, key: str) -> Path:
 
 
 def prompt_embeddings(
-    prompts: str,
+    prompts,
     teacher_hash: str,
     storage: Path,
     teacher: Path | None = None,
@@ -84,13 +84,17 @@ def prompt_embeddings(
     use_gpu: bool = False,
     dtype: str = "float32",
 ) -> Path:
-    """The store of the prompts' embeddings (``prompts``: a prompt file or ``builtin``), computed once per
+    """The store of the prompts' embeddings (``prompts``: a prompt file or ``builtin``, or its ``Scan`` when the
+    caller has already validated it with ``chunk == rows_per_part``), computed once per
     (teacher, prompts) with Ray Data (``teacher``: the teacher folder, whose own text encoders a pipeline folder
     uses; None = the built-in one). ``actors`` encoder actors, one GPU each with ``use_gpu``; stored in ``dtype``
     (the training's compute dtype: bf16 halves a T5 store)."""
-    from workflows.prompt_files import scan
+    from workflows.prompt_files import Scan, scan
 
-    s = scan(prompts, rows_per_part)
+    if isinstance(prompts, Scan) and prompts.chunk == rows_per_part:
+        s = prompts
+    else:
+        s = scan(prompts.spec if isinstance(prompts, Scan) else prompts, rows_per_part)
     final = store_dir(storage, teacher_hash, f"{s.sha256[:16]}-{rows_per_part}-{dtype}")
     if (final / INDEX).exists():
         return final

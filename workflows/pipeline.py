@@ -127,7 +127,7 @@ SWEEP_TAGS = ("cdm.recipe.sweep_key", "cdm.recipe.sweep_run_id")  # on the disti
 
 def sweep_recipe(cfg: DistillConfig, result: dict) -> tuple[DistillConfig, dict]:
     """``cfg`` with the best trial's searched values (``result``: ``cdm sweep``'s summary) and the record of it."""
-    from workflows.config import ConfigError, build, set_values
+    from workflows.config import ConfigError, build, flatten, set_values
 
     best = result["best"]["config"]
     try:
@@ -146,20 +146,14 @@ def sweep_recipe(cfg: DistillConfig, result: dict) -> tuple[DistillConfig, dict]
         "candidate": f"{result['model']}/{result['version']}@{result['alias']}",
         "report": result["report"]["markdown"],
     }
-    changed = {k: (_get(cfg, k), v) for k, v in best.items() if _get(cfg, k) != v}
+    before = flatten(cfg.model_dump(mode="json"))
+    changed = {k: (before[k], v) for k, v in best.items() if before[k] != v}
     console.print(
         f"\\[pipeline] recipe from sweep {result['sweep_key']} (best trial {record['best_trial']}, "
         f"{result['metric']} {result['best']['val']:.4g} on the validation seed): "
         + (", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()) or "the preset's values already")
     )
     return new, record
-
-
-def _get(cfg: DistillConfig, path: str):
-    d = cfg.model_dump(mode="json")
-    for p in path.split("."):
-        d = d[p]
-    return d
 
 
 def run_pipeline(
