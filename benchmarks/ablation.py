@@ -373,6 +373,8 @@ def _aggregate(group: list[dict]) -> dict:
         r["name"] = r["name"].split(SEED_SUFFIX)[0]
         r["train_seeds"] = [r.get("cdm", {}).get("seed", 0)] if r.get("cdm") else []
         r["spread"] = "evaluation seeds"
+        if "val_curve" in r:  # kept, so a later summary can add training seeds to this row (--keep)
+            r["val_curves"] = {str(r["train_seeds"][0] if r["train_seeds"] else 0): r.pop("val_curve")}
         return r
     out = {k: v for k, v in group[0].items() if not (isinstance(v, dict) and "mean" in v)}
     out["name"] = group[0]["name"].split(SEED_SUFFIX)[0]
@@ -388,6 +390,31 @@ def _aggregate(group: list[dict]) -> dict:
     return out
 
 
+def _kept_rows(path: Path, groups: dict[str, list[dict]]) -> list[dict]:
+    """Rows of an earlier summary (``--keep ablation.json``) whose runs are not on this machine: a row the new
+    rows do not name is kept as it was; a single-seed row whose recipe has new seeds joins their group as one
+    more training seed (its per-seed figures are its test-seed means; its validation curve, which summaries
+    drop for single rows, stays missing). A kept multi-seed row cannot take new seeds: its per-seed rows are
+    gone, so that is an error rather than a silent mix."""
+    if not path.is_file():
+        raise SystemExit(f"--keep {path}: no such summary")
+    out = []
+    for r in json.loads(path.read_text())["rows"]:
+        name = r["name"]
+        if name not in groups:
+            out.append(r)
+            continue
+        new_seeds = {g.get("cdm", {}).get("seed", 0) for g in groups[name]}
+        if r.get("spread") == "training seeds":
+            raise SystemExit(f"--keep {path}: row {name} has seeds {r['train_seeds']} there and new rows here")
+        seed = (r.get("cdm") or {}).get("seed", 0)
+        if seed not in new_seeds:
+            row = {k: v for k, v in r.items() if k not in ("train_seeds", "spread", "val_curves")}
+            row["val_curve"] = (r.get("val_curves") or {}).get(str(seed))
+            groups[name].append(row)
+    return out
+
+
 def cmd_summarize(a) -> None:
     from workflows.pixel_reference import pixel_reference
 
@@ -398,9 +425,12 @@ def cmd_summarize(a) -> None:
     groups: dict[str, list[dict]] = {}
     for name in names:
         groups.setdefault(name.split(SEED_SUFFIX)[0], []).append(json.loads((rows_dir / f"{name}.json").read_text()))
-    if not groups:
+    kept = _kept_rows(Path(a.keep), groups) if a.keep else []
+    if not groups and not kept:
         raise SystemExit(f"no rows under {rows_dir}")
-    rows = [_aggregate(g) for g in groups.values()]
+    rows = [_aggregate(sorted(g, key=lambda r: r.get("cdm", {}).get("seed", 0))) for g in groups.values()] + kept
+    rank = {n: i for i, n in enumerate(ORDER)}
+    rows.sort(key=lambda r: (rank.get(r["name"], len(ORDER)), r["name"] + SEED_SUFFIX))  # as the row files sort
     ref = pixel_reference()
     steps = max((r.get("student_steps") or 0) for r in rows)
     res = {
@@ -509,6 +539,11 @@ def main() -> None:
     r.add_argument("--force", action="store_true", help="redo rows already reselected")
     sub.choices["summarize"].add_argument("--command", default="see benchmarks/ablation.py docstring")
     sub.choices["summarize"].add_argument("--rows", default="rows", help="folder of row files under --out")
+    sub.choices["summarize"].add_argument(
+        "--keep",
+        default="",
+        help="an earlier ablation.json whose rows stay in the table unless rerun (their runs need not be here)",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     {"teacher": cmd_teacher, "train": cmd_train, "summarize": cmd_summarize, "reselect": cmd_reselect}[a.cmd](a)
