@@ -4,6 +4,7 @@ into a 4-step student, one row per variant, on the same budget of student steps 
     python benchmarks/ablation.py teacher --n-samples 1000               # teacher-100(+cfg), teacher-4
     python benchmarks/ablation.py train --row cdm --student-steps 600     # one distilled row (resumable)
     python benchmarks/ablation.py reselect --select-by worst_judge        # re-pick exports from the curves
+    python benchmarks/ablation.py reselect --select-by last               # the end-of-training EMA on the test seeds
     python benchmarks/ablation.py summarize [--rows rows-worst_judge]    # ablation.json + ablation.md
 
 Rows: dmd-fixed (fixed DMD2 anchors, CA+DM), dynamic-no-cdm (dynamic schedule, CA+DM), cdm (dynamic +
@@ -82,6 +83,7 @@ SELECTION = {
     "worst_judge": "best validation worst-judge score (the more sceptical judge's FD relative to the 4-step "
     "teacher's + pixel panel, cdm_core.metrics.worst_judge_score; seed 100, N=500)",
     "selection_score": "best validation selection score (both judges' log FD summed + pixel panel, seed 100, N=500)",
+    "last": "the last validated EMA (a fixed step, the end of training: no selection)",
 }
 
 
@@ -92,6 +94,8 @@ def _score(point: dict, base: dict, rule: str) -> float:
 
     if rule == "selection_score":
         return point.get("val_selection_score", point["val_fd"])
+    if rule == "last":  # the latest point always scores lowest
+        return -float(point["student_steps"])
     panel = {"near_white": point["val_near_white"], "edge_energy": point["val_edge_energy"]}
     fd, fd2 = point["val_fd"], point["val_fd2"]
     return worst_judge_score(fd, fd2, panel, pixel_reference(), base["val_fd"], base["val_fd2"])
