@@ -92,6 +92,7 @@ def phase_default() -> dict:
             "cdm.alpha": cfg.cdm.alpha,
             "optim.lr_student": cfg.optim.lr_student,
             "optim.fake_lr_ratio": cfg.optim.fake_lr_ratio,
+            "cdm.fake_mix": cfg.cdm.fake_mix,
         },
         "metric": metric,
         "val": curve[-1][1],
@@ -324,7 +325,7 @@ def markdown(o: dict) -> str:
         "table's seed-to-seed FD spread at this N is 0.1-0.4, so a 1.0 lead is outside that noise, "
         "but this is one sweep with one searcher seed.",
         "- Learning curves drift up after 20-40 steps for most recipes (as in the ablation); ASHA compares "
-        "trials at the same step, and the winner is the best *last* validation FD of its trial, exported "
+        "trials at the same step, and the winner is the best *last* validation metric of its trial, exported "
         "from the checkpoint that produced it.",
         "",
     ]
