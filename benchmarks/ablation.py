@@ -367,6 +367,11 @@ TABLE = [
 ]
 
 
+def _seed(row: dict) -> int:
+    """A row's training seed (``<row>@s<seed>``); teacher rows have none and count as 0."""
+    return (row.get("cdm") or {}).get("seed", 0)
+
+
 def _aggregate(group: list[dict]) -> dict:
     """Rows of one recipe over training seeds: per metric mean ± std over the seeds' (test-seed-mean) values;
     a single row keeps its spread over evaluation seeds."""
@@ -375,21 +380,21 @@ def _aggregate(group: list[dict]) -> dict:
     if len(group) == 1:
         r = dict(group[0])
         r["name"] = r["name"].split(SEED_SUFFIX)[0]
-        r["train_seeds"] = [r.get("cdm", {}).get("seed", 0)] if r.get("cdm") else []
+        r["train_seeds"] = [_seed(r)] if r.get("cdm") else []
         r["spread"] = "evaluation seeds"
         if "val_curve" in r:  # kept, so a later summary can add training seeds to this row (--keep)
             r["val_curves"] = {str(r["train_seeds"][0] if r["train_seeds"] else 0): r.pop("val_curve")}
         return r
     out = {k: v for k, v in group[0].items() if not (isinstance(v, dict) and "mean" in v)}
     out["name"] = group[0]["name"].split(SEED_SUFFIX)[0]
-    out["train_seeds"] = [r["cdm"]["seed"] for r in group]
+    out["train_seeds"] = [_seed(r) for r in group]
     out["spread"] = "training seeds"
     out["exported_student_steps"] = [r.get("exported_student_steps") for r in group]
     for k in METRICS:
         vals = [r[k]["mean"] for r in group if k in r]
         if len(vals) == len(group):
             out[k] = {"mean": statistics.fmean(vals), "std": statistics.pstdev(vals), "per_seed": vals}
-    out["val_curves"] = {str(r["cdm"]["seed"]): r.get("val_curve") for r in group}
+    out["val_curves"] = {str(_seed(r)): r.get("val_curve") for r in group}
     out.pop("val_curve", None)
     return out
 
@@ -397,9 +402,9 @@ def _aggregate(group: list[dict]) -> dict:
 def _kept_rows(path: Path, groups: dict[str, list[dict]]) -> list[dict]:
     """Rows of an earlier summary (``--keep ablation.json``) whose runs are not on this machine: a row the new
     rows do not name is kept as it was; a single-seed row whose recipe has new seeds joins their group as one
-    more training seed (its per-seed figures are its test-seed means; its validation curve, which summaries
-    drop for single rows, stays missing). A kept multi-seed row cannot take new seeds: its per-seed rows are
-    gone, so that is an error rather than a silent mix."""
+    more training seed (its per-seed figures are its test-seed means; its validation curve comes back from its
+    ``val_curves``, or stays missing in summaries written before single rows kept theirs). A kept multi-seed row
+    cannot take new seeds: its per-seed rows are gone, so that is an error rather than a silent mix."""
     if not path.is_file():
         raise SystemExit(f"--keep {path}: no such summary")
     out = []
@@ -408,10 +413,10 @@ def _kept_rows(path: Path, groups: dict[str, list[dict]]) -> list[dict]:
         if name not in groups:
             out.append(r)
             continue
-        new_seeds = {g.get("cdm", {}).get("seed", 0) for g in groups[name]}
+        new_seeds = {_seed(g) for g in groups[name]}
         if r.get("spread") == "training seeds":
             raise SystemExit(f"--keep {path}: row {name} has seeds {r['train_seeds']} there and new rows here")
-        seed = (r.get("cdm") or {}).get("seed", 0)
+        seed = _seed(r)
         if seed not in new_seeds:
             row = {k: v for k, v in r.items() if k not in ("train_seeds", "spread", "val_curves")}
             row["val_curve"] = (r.get("val_curves") or {}).get(str(seed))
@@ -432,7 +437,7 @@ def cmd_summarize(a) -> None:
     kept = _kept_rows(Path(a.keep), groups) if a.keep else []
     if not groups and not kept:
         raise SystemExit(f"no rows under {rows_dir}")
-    rows = [_aggregate(sorted(g, key=lambda r: r.get("cdm", {}).get("seed", 0))) for g in groups.values()] + kept
+    rows = [_aggregate(sorted(g, key=_seed)) for g in groups.values()] + kept
     rank = {n: i for i, n in enumerate(ORDER)}
     rows.sort(key=lambda r: (rank.get(r["name"], len(ORDER)), r["name"] + SEED_SUFFIX))  # as the row files sort
     ref = pixel_reference()
@@ -447,7 +452,7 @@ def cmd_summarize(a) -> None:
         "selection": "each distilled row exports the EMA of its "
         + ", ".join(sorted({r.get("selection", "") for g in groups.values() for r in g if r.get("selection")}))
         + "; the table reports test seeds 0,1,2 only",
-        "rows": [{k: v for k, v in r.items() if k not in ("val_curve",)} for r in rows],
+        "rows": rows,  # _aggregate moved every val_curve into val_curves
     }
     (out / "ablation.json").write_text(json.dumps(res, indent=2) + "\n")
     f = lambda r, k, d=3: f"{r[k]['mean']:.{d}f} ± {r[k]['std']:.{d}f}" if k in r else "–"  # noqa: E731

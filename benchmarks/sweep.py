@@ -81,9 +81,7 @@ def phase_default() -> dict:
 
     cfg = load_config(DistillConfig, "tiny", default_overrides())
     s = run_distill(cfg, command="python benchmarks/sweep.py --phase default")
-    from tuning.sweep_config import load_sweep
-
-    metric = load_sweep("sweep-tiny")[0].metric  # compare like with like: the metric the sweep optimises
+    metric = _sweep_metric()  # compare like with like: the metric the sweep optimises
     hist = MlflowClient(URI).get_metric_history(s["run_id"], metric)
     curve = sorted({m.step: m.value for m in hist}.items())
     return {
