@@ -35,6 +35,9 @@ class CDMConfig:
     so 0.1 would bind at most noise levels). ``fake_mix``: share of the fake teacher's batch taken from the
     off-trajectory estimates ``x0_hat'`` (built by velocity extrapolation, as L_CDM's default builds them), instead
     of the anchor estimates ``x0_hat_i`` (0 = the authors' code; costs one student forward without gradient).
+    ``ca_tau_max``: CA's own upper clamp, a guidance interval (guidance left out at the highest noise levels, where
+    it sets global intensity and contrast) while DM, the fake teacher and ``t'`` keep ``[tau_min, tau_max]``; None =
+    ``tau_max``, which then bounds every sampled level as before.
     """
 
     schedule: Literal["dynamic", "fixed"] = "dynamic"
@@ -66,6 +69,12 @@ class CDMConfig:
     )
     tau_min: float = knob(0.02, gt=0.0, lt=1.0)
     tau_max: float = knob(0.98, gt=0.0, lt=1.0)
+    ca_tau_max: float | None = knob(
+        None,
+        gt=0.0,
+        lt=1.0,
+        description="upper clamp of CA's tau alone (None = tau_max); DM, the fake teacher and t' keep tau_max",
+    )
     norm_floor: float = knob(
         0.1, gt=0.0, le=10.0, description="floor of the DM/CA normaliser, in the data's units (0.1 for SD3 latents)"
     )
@@ -92,6 +101,8 @@ class CDMConfig:
             raise ValueError(f"need 0 < s_min < s_max < 1, got s_min={self.s_min}, s_max={self.s_max}")
         if not 0.0 < self.tau_min < self.tau_max < 1.0:
             raise ValueError(f"need 0 < tau_min < tau_max < 1, got tau_min={self.tau_min}, tau_max={self.tau_max}")
+        if self.ca_tau_max is not None and not self.tau_min < self.ca_tau_max < 1.0:
+            raise ValueError(f"need tau_min < ca_tau_max < 1, got tau_min={self.tau_min}, ca_tau_max={self.ca_tau_max}")
         if not (self.use_ca or self.use_dm or self.use_cdm):
             raise ValueError("at least one of use_ca, use_dm, use_cdm must be on")
         if self.alpha < 0:
@@ -213,7 +224,8 @@ class CDMStep:
         if c.use_ca or c.use_dm:
             x0_hat = x0_from_velocity(x, t, self.student.velocity(x, t, cond))
             if c.use_ca:
-                tau = self._uniform(b, g, device, 0.0, t).clamp(c.tau_min, c.tau_max)
+                ca_hi = c.tau_max if c.ca_tau_max is None else c.ca_tau_max
+                tau = self._uniform(b, g, device, 0.0, t).clamp(c.tau_min, ca_hi)
                 la = ca_loss(x0_hat, self.real, cond, uncond, randn(), tau, c.alpha, c.norm_floor)
                 total = total + c.w_ca * la.loss
                 m.update(la.log("ca"))

@@ -23,6 +23,7 @@ def test_every_algorithm_knob_is_settable_from_the_one_config():
         [
             "cdm.tau_min=0.05",
             "cdm.tau_max=0.9",
+            "cdm.ca_tau_max=0.7",
             "cdm.norm_floor=0.01",
             "cdm.fake_mix=0.5",
             "cdm.gaussian_base=anchor",
@@ -31,9 +32,10 @@ def test_every_algorithm_knob_is_settable_from_the_one_config():
         ],
     )
     core = cfg.cdm.to_core()
-    assert (core.tau_min, core.tau_max, core.norm_floor, core.fake_mix, core.gaussian_base) == (
+    assert (core.tau_min, core.tau_max, core.ca_tau_max, core.norm_floor, core.fake_mix, core.gaussian_base) == (
         0.05,
         0.9,
+        0.7,
         0.01,
         0.5,
         "anchor",

@@ -166,6 +166,31 @@ def test_fake_mix_trains_the_fake_teacher_on_off_trajectory_estimates():
     assert any(not torch.equal(a, b) for a, b in zip(runs[0.0][1], runs[1.0][1]))
 
 
+def _teacher_levels(cfg, iters=6):
+    """The noise levels the real teacher was queried at: CA's (cond + uncond, a batch of 2B) and DM's (B)."""
+    step, *_ = _make(cfg)
+    real, seen = step.real, {"ca": [], "dm": []}
+
+    def recording(x, t, c):
+        seen["ca" if x.shape[0] == 2 * SHAPE[0] else "dm"].append(t.detach().clone())
+        return real(x, t, c)
+
+    step.real = recording
+    _run(step, iters)
+    return {k: torch.cat(v) for k, v in seen.items()}
+
+
+def test_ca_tau_max_clamps_ca_alone():
+    base = dict(schedule="fixed", use_cdm=False, alpha=1.0, update_ratio=1, tau_max=0.9)
+    capped = _teacher_levels(CDMConfig(**base, ca_tau_max=0.3))
+    assert capped["ca"].max() <= 0.3 + 1e-6
+    assert capped["dm"].max() > 0.3  # DM still samples [tau_min, tau_max]
+    free = _teacher_levels(CDMConfig(**base))
+    assert free["ca"].max() > 0.3  # without it CA's clamp is tau_max
+    with pytest.raises(ValueError, match="ca_tau_max"):
+        CDMConfig(tau_min=0.2, ca_tau_max=0.1)
+
+
 def test_lr_decay_is_warmup_then_cosine_to_the_floor():
     from cdm_core.optim import lr_factor
 
