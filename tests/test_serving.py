@@ -722,10 +722,20 @@ def test_shipped_config_installs_the_failover_in_the_proxy():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from serving.failover import CALLBACK, CALLBACK_ENV, controller_options
+    from serving.failover import CALLBACK, CALLBACK_ENV, PROXY_FAST_PATH, controller_options
     from serving.launch import DEFAULT_CONFIG
 
     cfg = ServeDeploySchema.model_validate(yaml.safe_load(DEFAULT_CONFIG.read_text()))
-    assert cfg.controller_options.runtime_env["env_vars"][CALLBACK_ENV] == CALLBACK
+    shipped = cfg.controller_options.runtime_env["env_vars"]
+    assert shipped[CALLBACK_ENV] == CALLBACK
+    assert {k: shipped.get(k) for k in PROXY_FAST_PATH} == PROXY_FAST_PATH  # `serve run` gets the fast path too
     merged = controller_options({"runtime_env": {"env_vars": {"OTHER": "1"}}}, CDM_FAILOVER_WAIT_S=5)
-    assert merged["runtime_env"]["env_vars"] == {"OTHER": "1", "CDM_FAILOVER_WAIT_S": "5", CALLBACK_ENV: CALLBACK}
+    assert merged["runtime_env"]["env_vars"] == {
+        "OTHER": "1",
+        "CDM_FAILOVER_WAIT_S": "5",
+        CALLBACK_ENV: CALLBACK,
+        **PROXY_FAST_PATH,
+    }
+    # the config's block wins: one fast-path setting turned back
+    kept = controller_options({"runtime_env": {"env_vars": {"RAY_SERVE_PROXY_USE_GRPC": "0"}}})
+    assert kept["runtime_env"]["env_vars"]["RAY_SERVE_PROXY_USE_GRPC"] == "0"
