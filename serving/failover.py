@@ -18,8 +18,8 @@ Installed through Serve's proxy callback, an environment variable of the Serve c
 ``controller_options`` also puts the proxy on Serve's fast path (``PROXY_FAST_PATH``): requests go to the replica over
 gRPC instead of Ray actor calls, the router runs on the proxy's own loop instead of a second thread, and request-path
 logs are buffered instead of flushed per record. On the 2-core benchmark box this cut the server's CPU per image at
-concurrency 32 from 0.037 s to 0.021 s (``benchmarks/results/serving.md``). Each is an ordinary Serve setting; a value
-set in the config's block wins, so ``"0"`` / ``"1"`` there turns one back.
+concurrency 32 from 0.036-0.037 s to 0.025-0.029 s (``benchmarks/results/serving.md``). Each is an ordinary Serve
+setting; a value set in the config's block wins, so ``"0"`` / ``"1"`` there turns one back.
 
 Only requests to the service's routes are touched (``ROUTES``); other applications on the cluster are passed through.
 Every answered request carries ``X-CDM-Attempts``.
@@ -60,8 +60,7 @@ def controller_options(base: dict | None = None, **env: str) -> dict:
     out = dict(base or {})
     runtime_env = dict(out.get("runtime_env") or {})
     env_vars = {**dict(runtime_env.get("env_vars") or {}), **{k: str(v) for k, v in env.items()}}
-    env_vars.setdefault(CALLBACK_ENV, CALLBACK)
-    for k, v in PROXY_FAST_PATH.items():
+    for k, v in {CALLBACK_ENV: CALLBACK, **PROXY_FAST_PATH}.items():
         env_vars.setdefault(k, v)
     runtime_env["env_vars"] = env_vars
     out["runtime_env"] = runtime_env
