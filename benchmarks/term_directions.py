@@ -1,17 +1,18 @@
-"""Which loss term pushes where: CA's and DM's per-pixel directions on a run's own samples, by pixel range.
+"""Which loss term pushes where: CA's and DM's per-pixel directions on a run's own estimates, by pixel range.
 
 A first-order reading of the student step at a checkpoint (``ablation.py train`` writes ``checkpoint.pt`` with the
-student and the fake teacher): the student's 4-step samples of the validation set (seed 100) are re-noised at
-``tau ~ U(tau_min, tau_max)`` (DM's levels; the step draws CA's below the anchor's t, here both share one
-draw), and each term's direction ``Delta / n`` (weights and alpha
-included: CA ``w_ca alpha (D_c - D_u) / n``, DM ``w_dm (D_R - D_F) / n``, ``n = max(mean|D_c - x0|, floor)``) is
-averaged over the pixels of each range of the sample: above 1 (past the data range), (0.6, 1], (-0.6, 0.6),
-below -1. A positive mean pushes those pixels brighter.
+student and the fake teacher). The student rolls the validation set (seed 100) out over the 4-step sampler's
+levels [1, .9, .75, .5] (the fixed schedule's anchors; the last level's estimate is the sample). At each level its
+estimate ``x0_hat`` is re-noised as the step does (CA at ``U(0, t)`` clamped to [tau_min, ca_tau_max or tau_max],
+DM at ``U(tau_min, tau_max)``), and each term's direction ``Delta / n``, weight and alpha included (CA
+``w_ca alpha (D_c - D_u) / n``, DM ``w_dm (D_R - D_F) / n``, ``n = max(mean|D_c - x0_hat|, floor)``), is averaged
+over the pixels of each range of ``x0_hat``: above 1 (past the data range), (0.6, 1], (-0.6, 0.6), below -1.
+A positive mean pushes those pixels brighter.
 
     python benchmarks/term_directions.py --runs OUT/runs/mix1-dmd-fixed-taumax07-a2@s1 OUT/runs/rec-mix1-taumax07-a4@s0
 
-Not measured: L_CDM's term (it is taken at off-trajectory estimates, not at the samples) and the anchors'
-estimates the step trains on (these are the final samples). Writes ``benchmarks/results/term_directions.{json,md}``.
+Not measured: L_CDM's term (taken at off-trajectory estimates) and a dynamic schedule's own anchors (its rows are
+read at the same four levels). Writes ``benchmarks/results/term_directions.{json,md}``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ import torch  # noqa: E402
 
 from cdm_core.conditioning import Cond  # noqa: E402
 from cdm_core.flow import interpolate, x0_from_velocity  # noqa: E402
+from cdm_core.schedule import inference_levels  # noqa: E402
 from workflows.config import DEFAULT_TEACHER  # noqa: E402
-from workflows.evaluation import eval_set, generate  # noqa: E402
+from workflows.evaluation import eval_set  # noqa: E402
 from workflows.model_folder import load_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,8 +44,23 @@ RANGES = {  # name -> pixel mask of the sample x0
 }
 
 
+def _direction(x0, z, tau, real, fake, es, cfg, n: int, term: str) -> torch.Tensor:
+    """One term's ``Delta / n`` (weight and alpha included) at ``z``, the step's formula for that term."""
+    v = real(torch.cat([z, z]), torch.cat([tau, tau]), Cond.cat([es.cond, es.uncond]))
+    d_c, d_u = x0_from_velocity(z, tau, v[:n]), x0_from_velocity(z, tau, v[n:])
+    norm = (d_c - x0).abs().flatten(1).mean(1).clamp_min(cfg["norm_floor"]).view(-1, *[1] * (x0.ndim - 1))
+    if term == "ca":
+        return cfg["w_ca"] * cfg["alpha"] * (d_c - d_u) / norm
+    d_f = x0_from_velocity(z, tau, fake(z, tau, es.cond))
+    return cfg["w_dm"] * (d_c - d_f) / norm
+
+
 @torch.no_grad()
 def directions(run: Path, n: int, draws: int, seed: int) -> dict:
+    """Per inference level of the 4-step sampler (the fixed schedule's anchors; the last one's estimate is the
+    sample): the student's estimate ``x0_hat`` there, and each term's mean direction over its pixel ranges, with
+    CA's tau drawn as the step draws it (``U(0, t)`` clamped to [tau_min, ca_tau_max or tau_max]) and DM's from
+    ``U(tau_min, tau_max)``."""
     ck = torch.load(run / "checkpoint.pt", weights_only=False, map_location="cpu")
     cfg = json.loads((run / "curve.json").read_text())["cdm"]
     real = load_model(DEFAULT_TEACHER)
@@ -51,29 +68,42 @@ def directions(run: Path, n: int, draws: int, seed: int) -> dict:
     student.module.load_state_dict(ck["student"]["module"])
     fake = load_model(DEFAULT_TEACHER)
     fake.module.load_state_dict(ck["fake"]["module"])
-    rv, fv = real.velocity(), fake.velocity()
+    rv, fv, sv = real.velocity(), fake.velocity(), student.velocity()
     es = eval_set(n, seed, real.shape)
-    x0 = generate(student.velocity(), es, 4, student.meta.shift, 1.0, 250, torch.device("cpu"))
+    levels = inference_levels(4, student.meta.shift)
+    ca_hi = cfg["tau_max"] if cfg.get("ca_tau_max") is None else cfg["ca_tau_max"]
     g = torch.Generator().manual_seed(7)
-    acc = {k: [0.0, 0.0, 0] for k in RANGES}
-    for _ in range(draws):
-        tau = cfg["tau_min"] + (cfg["tau_max"] - cfg["tau_min"]) * torch.rand(n, generator=g)
-        z = interpolate(x0, torch.randn(x0.shape, generator=g), tau)
-        v = rv(torch.cat([z, z]), torch.cat([tau, tau]), Cond.cat([es.cond, es.uncond]))
-        d_c, d_u = x0_from_velocity(z, tau, v[:n]), x0_from_velocity(z, tau, v[n:])
-        d_f = x0_from_velocity(z, tau, fv(z, tau, es.cond))
-        norm = (d_c - x0).abs().flatten(1).mean(1).clamp_min(cfg["norm_floor"]).view(-1, *[1] * (x0.ndim - 1))
-        ca = cfg["w_ca"] * cfg["alpha"] * (d_c - d_u) / norm if cfg["use_ca"] else torch.zeros_like(x0)
-        dm = cfg["w_dm"] * (d_c - d_f) / norm if cfg["use_dm"] else torch.zeros_like(x0)
-        for k, mask in RANGES.items():
-            m = mask(x0)
-            acc[k][0] += float(ca[m].sum())
-            acc[k][1] += float(dm[m].sum())
-            acc[k][2] += int(m.sum())
+    x = es.noise.clone()
     out = {"run": run.name, "student_steps": ck["student_steps"], "alpha": cfg["alpha"], "use_cdm": cfg["use_cdm"]}
-    for k, (ca_sum, dm_sum, cnt) in acc.items():
-        c = max(cnt, 1)
-        out[k] = {"share": cnt / (draws * x0.numel()), "ca": ca_sum / c, "dm": dm_sum / c, "net": (ca_sum + dm_sum) / c}
+    out["levels"] = []
+    for k in range(len(levels) - 1):
+        t = levels[k].expand(n)
+        v = sv(x, t, es.cond)
+        x0 = x0_from_velocity(x, t, v)
+        acc = {r: [0.0, 0.0, 0] for r in RANGES}
+        for _ in range(draws):
+            tau_ca = (t * torch.rand(n, generator=g)).clamp(cfg["tau_min"], ca_hi)
+            tau_dm = cfg["tau_min"] + (cfg["tau_max"] - cfg["tau_min"]) * torch.rand(n, generator=g)
+            z_ca = interpolate(x0, torch.randn(x0.shape, generator=g), tau_ca)
+            z_dm = interpolate(x0, torch.randn(x0.shape, generator=g), tau_dm)
+            ca = _direction(x0, z_ca, tau_ca, rv, fv, es, cfg, n, "ca") if cfg["use_ca"] else torch.zeros_like(x0)
+            dm = _direction(x0, z_dm, tau_dm, rv, fv, es, cfg, n, "dm") if cfg["use_dm"] else torch.zeros_like(x0)
+            for r, mask in RANGES.items():
+                m = mask(x0)
+                acc[r][0] += float(ca[m].sum())
+                acc[r][1] += float(dm[m].sum())
+                acc[r][2] += int(m.sum())
+        row = {"t": round(float(levels[k]), 4)}
+        for r, (ca_sum, dm_sum, cnt) in acc.items():
+            c = max(cnt, 1)
+            row[r] = {
+                "share": cnt / (draws * x0.numel()),
+                "ca": ca_sum / c,
+                "dm": dm_sum / c,
+                "net": (ca_sum + dm_sum) / c,
+            }
+        out["levels"].append(row)
+        x = x + (levels[k + 1] - levels[k]) * v  # the sampler's Euler step
     return out
 
 
@@ -106,22 +136,24 @@ def main() -> None:
     od.mkdir(parents=True, exist_ok=True)
     (od / "term_directions.json").write_text(json.dumps(out, indent=2) + "\n")
     md = [
-        "# CA's and DM's per-pixel directions on the students' own samples, by pixel range",
+        "# CA's and DM's per-pixel directions on the students' own estimates at the sampler's levels, by pixel range",
         "",
         f"`{out['command']}` ({out['machine']}, {out['date']}); validation seed {a.seed}, N = {a.n_samples}, "
         f"{a.draws} noise draws a sample. Mean direction over the pixels of each range (positive = brighter); "
-        "L_CDM's term is not included.",
+        "L_CDM's term is not included. Level t: the sampler's level whose estimate is read (0.5: the sample).",
         "",
-        "| run | step | alpha | L_CDM | " + " | ".join(f"{k}: share / CA / DM / net" for k in RANGES) + " |",
-        "|---|---|---|---|" + "---|" * len(RANGES),
+        "| run | step | alpha | L_CDM | level t | " + " | ".join(f"{k}: share / CA / DM / net" for k in RANGES) + " |",
+        "|---|---|---|---|---|" + "---|" * len(RANGES),
     ]
     for r in rows:
-        cells = [f"{r[k]['share']:.3f} / {r[k]['ca']:+.3f} / {r[k]['dm']:+.3f} / {r[k]['net']:+.3f}" for k in RANGES]
-        md.append(
-            f"| {r['run']} | {r['student_steps']} | {r['alpha']:g} | {'yes' if r['use_cdm'] else 'no'} | "
-            + " | ".join(cells)
-            + " |"
-        )
+        for lv in r["levels"]:
+            cells = [
+                f"{lv[k]['share']:.3f} / {lv[k]['ca']:+.3f} / {lv[k]['dm']:+.3f} / {lv[k]['net']:+.3f}" for k in RANGES
+            ]
+            md.append(
+                f"| {r['run']} | {r['student_steps']} | {r['alpha']:g} | {'yes' if r['use_cdm'] else 'no'} | "
+                f"{lv['t']} | " + " | ".join(cells) + " |"
+            )
     (od / "term_directions.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
