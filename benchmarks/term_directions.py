@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from cdm_core.conditioning import Cond  # noqa: E402
-from cdm_core.flow import interpolate, x0_from_velocity  # noqa: E402
+from cdm_core.flow import x0_from_velocity  # noqa: E402
+from cdm_core.losses import ca_delta, dm_delta, normalized_direction  # noqa: E402
 from cdm_core.schedule import inference_levels  # noqa: E402
 from workflows.config import DEFAULT_TEACHER  # noqa: E402
-from workflows.evaluation import eval_set  # noqa: E402
+from workflows.evaluation import EvalSet, eval_set  # noqa: E402
 from workflows.model_folder import load_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,32 +44,20 @@ RANGES = {  # name -> pixel mask of the sample x0
 }
 
 
-def _direction(x0, z, tau, real, fake, es, cfg, n: int, term: str) -> torch.Tensor:
-    """One term's ``Delta / n`` (weight and alpha included) at ``z``, the step's formula for that term."""
-    v = real(torch.cat([z, z]), torch.cat([tau, tau]), Cond.cat([es.cond, es.uncond]))
-    d_c, d_u = x0_from_velocity(z, tau, v[:n]), x0_from_velocity(z, tau, v[n:])
-    norm = (d_c - x0).abs().flatten(1).mean(1).clamp_min(cfg["norm_floor"]).view(-1, *[1] * (x0.ndim - 1))
-    if term == "ca":
-        return cfg["w_ca"] * cfg["alpha"] * (d_c - d_u) / norm
-    d_f = x0_from_velocity(z, tau, fake(z, tau, es.cond))
-    return cfg["w_dm"] * (d_c - d_f) / norm
-
-
 @torch.no_grad()
-def directions(run: Path, n: int, draws: int, seed: int) -> dict:
+def directions(run: Path, real, es: EvalSet, draws: int) -> dict:
     """Per inference level of the 4-step sampler (the fixed schedule's anchors; the last one's estimate is the
     sample): the student's estimate ``x0_hat`` there, and each term's mean direction over its pixel ranges, with
     CA's tau drawn as the step draws it (``U(0, t)`` clamped to [tau_min, ca_tau_max or tau_max]) and DM's from
     ``U(tau_min, tau_max)``."""
     ck = torch.load(run / "checkpoint.pt", weights_only=False, map_location="cpu")
     cfg = json.loads((run / "curve.json").read_text())["cdm"]
-    real = load_model(DEFAULT_TEACHER)
     student = load_model(DEFAULT_TEACHER)
     student.module.load_state_dict(ck["student"]["module"])
     fake = load_model(DEFAULT_TEACHER)
     fake.module.load_state_dict(ck["fake"]["module"])
     rv, fv, sv = real.velocity(), fake.velocity(), student.velocity()
-    es = eval_set(n, seed, real.shape)
+    n = es.noise.shape[0]
     levels = inference_levels(4, student.meta.shift)
     ca_hi = cfg["tau_max"] if cfg.get("ca_tau_max") is None else cfg["ca_tau_max"]
     g = torch.Generator().manual_seed(7)
@@ -84,10 +72,14 @@ def directions(run: Path, n: int, draws: int, seed: int) -> dict:
         for _ in range(draws):
             tau_ca = (t * torch.rand(n, generator=g)).clamp(cfg["tau_min"], ca_hi)
             tau_dm = cfg["tau_min"] + (cfg["tau_max"] - cfg["tau_min"]) * torch.rand(n, generator=g)
-            z_ca = interpolate(x0, torch.randn(x0.shape, generator=g), tau_ca)
-            z_dm = interpolate(x0, torch.randn(x0.shape, generator=g), tau_dm)
-            ca = _direction(x0, z_ca, tau_ca, rv, fv, es, cfg, n, "ca") if cfg["use_ca"] else torch.zeros_like(x0)
-            dm = _direction(x0, z_dm, tau_dm, rv, fv, es, cfg, n, "dm") if cfg["use_dm"] else torch.zeros_like(x0)
+            eps_ca, eps_dm = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+            ca = dm = torch.zeros_like(x0)
+            if cfg["use_ca"]:  # the step's own formulas (cdm_core.losses), weight in front
+                delta, d_c = ca_delta(x0, rv, es.cond, es.uncond, eps_ca, tau_ca, cfg["alpha"])
+                ca = cfg["w_ca"] * normalized_direction(x0, delta, d_c, cfg["norm_floor"])[0]
+            if cfg["use_dm"]:
+                delta, d_r = dm_delta(x0, rv, fv, es.cond, eps_dm, tau_dm)
+                dm = cfg["w_dm"] * normalized_direction(x0, delta, d_r, cfg["norm_floor"])[0]
             for r, mask in RANGES.items():
                 m = mask(x0)
                 acc[r][0] += float(ca[m].sum())
@@ -119,9 +111,11 @@ def main() -> None:
     bad = [r for r in a.runs if not (Path(r) / "checkpoint.pt").exists() or not (Path(r) / "curve.json").exists()]
     if bad:
         sys.exit("term_directions: no checkpoint.pt / curve.json in " + ", ".join(bad))
+    real = load_model(DEFAULT_TEACHER)
+    es = eval_set(a.n_samples, a.seed, real.shape)
     rows = []
     for r in a.runs:
-        rows.append(directions(Path(r), a.n_samples, a.draws, a.seed))
+        rows.append(directions(Path(r), real, es, a.draws))
         print(json.dumps(rows[-1]), flush=True)
     out = {
         "machine": f"{platform.machine()}, torch {torch.__version__}",

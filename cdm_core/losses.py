@@ -45,6 +45,14 @@ def _sample_mean(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
+def normalized_direction(
+    a: torch.Tensor, delta: torch.Tensor, d_ref: torch.Tensor, floor: float = NORM_FLOOR
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(Delta / n, n)``, ``n = max(mean|d_ref - a|, floor)`` (B,): where one descent step moves ``x0_hat``."""
+    n = _sample_mean((d_ref - a).abs()).clamp_min(floor)
+    return torch.nan_to_num(delta / expand_t(n, delta), nan=0.0, posinf=0.0, neginf=0.0), n
+
+
 def matching_loss(
     x0_hat: torch.Tensor, delta: torch.Tensor, d_ref: torch.Tensor, tau: torch.Tensor, floor: float = NORM_FLOOR
 ) -> LossResult:
@@ -55,8 +63,7 @@ def matching_loss(
     SD3's unit-variance latents; pixel space on [-1, 1] needs a smaller one, see CDMConfig.norm_floor).
     """
     a = x0_hat.detach()
-    n = _sample_mean((d_ref - a).abs()).clamp_min(floor)
-    direction = torch.nan_to_num(delta / expand_t(n, delta), nan=0.0, posinf=0.0, neginf=0.0)
+    direction, n = normalized_direction(a, delta, d_ref, floor)
     target = (a + direction).detach()
     loss = _sample_mean((x0_hat - target) ** 2).mean()
     return LossResult(loss, n.detach(), direction.pow(2).mean().sqrt().detach(), tau)
@@ -78,14 +85,22 @@ def ca_loss(
     tau: (B,), drawn from U(0, t) clamped to [0.02, 0.98] (cleaner than the anchor). Cond and uncond go
     through the teacher in one batch of 2B.
     """
-    with torch.no_grad():
-        z = interpolate(x0_hat.detach(), eps, tau)
-        b = z.shape[0]
-        v = real(torch.cat([z, z]), torch.cat([tau, tau]), Cond.cat([cond, uncond]))
-        d_c = x0_from_velocity(z, tau, v[:b])
-        d_u = x0_from_velocity(z, tau, v[b:])
-        delta = alpha * (d_c - d_u)
+    delta, d_c = ca_delta(x0_hat, real, cond, uncond, eps, tau, alpha)
     return matching_loss(x0_hat, delta, d_c, tau, floor=floor)
+
+
+@torch.no_grad()
+def ca_delta(
+    x0_hat: torch.Tensor, real: VelocityFn, cond: Cond, uncond: Cond, eps: torch.Tensor, tau: torch.Tensor, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CA's ``(Delta, D_c)``: ``alpha (D_c - D_u)`` at ``z = (1-tau) sg(x0_hat) + tau eps``, and ``D_c``, its
+    normaliser's reference."""
+    z = interpolate(x0_hat.detach(), eps, tau)
+    b = z.shape[0]
+    v = real(torch.cat([z, z]), torch.cat([tau, tau]), Cond.cat([cond, uncond]))
+    d_c = x0_from_velocity(z, tau, v[:b])
+    d_u = x0_from_velocity(z, tau, v[b:])
+    return alpha * (d_c - d_u), d_c
 
 
 def dm_loss(
@@ -106,14 +121,20 @@ def dm_loss(
     ``z_base`` (the "final" target ablation: the rollout's last clean estimate) only moves the point where
     the direction is measured; normaliser and target stay at ``sg(x0_hat)``, as in the authors' code.
     """
-    a = x0_hat.detach()
-    b = a if z_base is None else z_base.detach()
-    with torch.no_grad():
-        z = interpolate(b, eps, tau)
-        d_real = x0_from_velocity(z, tau, real(z, tau, cond))
-        d_fake = x0_from_velocity(z, tau, fake(z, tau, cond))
-        delta = d_real - d_fake
+    delta, d_real = dm_delta(x0_hat if z_base is None else z_base, real, fake, cond, eps, tau)
     return matching_loss(x0_hat, delta, d_real, tau, floor=floor)
+
+
+@torch.no_grad()
+def dm_delta(
+    base: torch.Tensor, real: VelocityFn, fake: VelocityFn, cond: Cond, eps: torch.Tensor, tau: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DM's ``(Delta, D_R)``: ``D_R(z, tau, c) - D_F(z, tau, c)`` at ``z = (1-tau) sg(base) + tau eps``, and
+    ``D_R``, its normaliser's reference."""
+    z = interpolate(base.detach(), eps, tau)
+    d_real = x0_from_velocity(z, tau, real(z, tau, cond))
+    d_fake = x0_from_velocity(z, tau, fake(z, tau, cond))
+    return d_real - d_fake, d_real
 
 
 def fake_loss(fake: VelocityFn, x0: torch.Tensor, eps: torch.Tensor, tau: torch.Tensor, cond: Cond) -> LossResult:
