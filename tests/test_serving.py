@@ -576,6 +576,18 @@ def _under_load(
     return out
 
 
+def _replica_processes() -> set[int]:
+    """PIDs of this app's live replica processes on this machine (Ray titles each one ``ray::ServeReplica:APP:...``)."""
+    import psutil
+
+    out = set()
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].startswith(f"ray::ServeReplica:{APP}:ImageService"):
+            out.add(p.pid)
+    return out
+
+
 def _pids(url: str, n: int) -> set[int]:
     pids: set[int] = set()
     deadline = time.time() + 60
@@ -632,10 +644,18 @@ def test_losing_the_last_replica_is_503_with_retry_after_then_recovers(service, 
         time.sleep(1.0)
         os.kill(victim, signal.SIGKILL)
         t_kill = time.time()
+        # hold the outage past the failover's wait: a replacement that starts inside it is killed too, so "no live
+        # replica within FAILOVER_WAIT_S" is what the test makes, not a race with how fast Serve replaces one
+        killed = {victim}
+        while time.time() < t_kill + FAILOVER_WAIT_S + 1.0:
+            for pid in _replica_processes() - killed:
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+            time.sleep(0.1)
         while time.time() < t_kill + 120:
             if (
                 _replicas(serve) == {"RUNNING": 1}
-                and requests.get(f"{url}/healthz", timeout=60).json()["pid"] != victim
+                and requests.get(f"{url}/healthz", timeout=60).json()["pid"] not in killed
             ):
                 break
             time.sleep(0.5)
