@@ -141,6 +141,8 @@ def cmd_teacher(a) -> None:
 
 def cmd_train(a) -> None:
     name = a.name or a.row
+    if a.seed != 0 and SEED_SUFFIX not in name:  # two seeds of one name would share (and overwrite) one run folder
+        name = f"{name}{SEED_SUFFIX}{a.seed}"
     out = Path(a.out)
     run_dir = out / "runs" / name
     run_dir.mkdir(parents=True, exist_ok=True)
