@@ -61,10 +61,20 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {os.cpu_count()} cores, 1 torch thread per row, torch {torch.__version__}"
 
 
-def _eval(folder, steps, guidance, n, seeds, out, model=None, reference_steps=100) -> dict:
+def _eval(folder, steps, guidance, n, seeds, out, model=None, reference_steps=100, shift=None) -> dict:
+    """Score ``folder`` (or ``model`` with that folder's meta); ``shift`` None = the folder's own scheduler shift
+    (a student sampled at its ``cdm.shift`` passes it: the teacher folder's meta says 3)."""
     cfg = build(
         EvalConfig,
-        dict(steps=steps, guidance=guidance, n_samples=n, seeds=seeds, batch_size=250, reference_steps=reference_steps),
+        dict(
+            steps=steps,
+            guidance=guidance,
+            shift=shift,
+            n_samples=n,
+            seeds=seeds,
+            batch_size=250,
+            reference_steps=reference_steps,
+        ),
     )
     return evaluate_folder(folder, cfg, out, DEFAULT_TEACHER, DEFAULT_EVALUATOR, model=model)
 
@@ -167,7 +177,7 @@ def cmd_train(a) -> None:
         ),
     )
     teacher = load_model(DEFAULT_TEACHER)
-    meta, shape = teacher.meta, teacher.shape
+    shape = teacher.shape
     prompts = encode_prompts([p for p, _ in train_prompts()])
     d = build_distiller(teacher.module, cdm, loop.optim, loop.student_steps, teacher.family.velocity)
     ckpt = run_dir / "checkpoint.pt"
@@ -197,7 +207,11 @@ def cmd_train(a) -> None:
         tmp.replace(ckpt)
 
     def val_fd() -> dict:
-        cfg = build(EvalConfig, dict(steps=4, n_samples=500, seeds=[100], batch_size=250, reference_steps=0))
+        # sampled at the student's own levels (cdm.shift), as the workflows' validation and export do
+        cfg = build(
+            EvalConfig,
+            dict(steps=4, shift=cdm.shift, n_samples=500, seeds=[100], batch_size=250, reference_steps=0),
+        )
         r = evaluate_folder(DEFAULT_TEACHER, cfg, None, DEFAULT_TEACHER, DEFAULT_EVALUATOR, model=d.ema.shadow)
         return {k: r[k]["mean"] for k in r if isinstance(r[k], dict) and "mean" in r[k]}
 
@@ -282,7 +296,7 @@ def cmd_train(a) -> None:
         d.ema.shadow,
         run_dir / "model",
         ModelMeta(
-            shift=meta.shift,
+            shift=cdm.shift,  # the student's own sampler levels (the teacher folder's meta says 3)
             default_steps=4,
             provenance={
                 "distilled_from": str(DEFAULT_TEACHER),
@@ -348,7 +362,9 @@ def cmd_reselect(a) -> None:
             continue
         model = teacher.module
         model.load_state_dict(torch.load(snap, weights_only=True))
-        res = _eval(DEFAULT_TEACHER, 4, 1.0, a.n_samples, seeds, out / "grids" / f"{name}-{a.select_by}", model, 0)
+        shift = (row.get("cdm") or {}).get("shift")  # the levels the student was trained for
+        grids = out / "grids" / f"{name}-{a.select_by}"
+        res = _eval(DEFAULT_TEACHER, 4, 1.0, a.n_samples, seeds, grids, model, 0, shift=shift)
         keep = {k: v for k, v in row.items() if k not in METRICS and k not in ("s_per_image",)}
         new = {**keep, **_row(name, res), "exported_student_steps": step, "selection": SELECTION[a.select_by]}
         (dest / f"{name}.json").write_text(json.dumps(new, indent=2) + "\n")
