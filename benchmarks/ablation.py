@@ -1,7 +1,7 @@
 """The ablation table: the reference loop (cdm_core + torch, no Ray) distilling the built-in teacher
 into a 4-step student, one row per variant, on the same budget of student steps and seeds.
 
-    python benchmarks/ablation.py teacher --n-samples 1000               # teacher-100(+cfg), teacher-4
+    python benchmarks/ablation.py teacher --n-samples 1000               # teacher-100(+cfg), teacher-4 (shift 3, 1)
     python benchmarks/ablation.py train --row cdm --student-steps 600     # one distilled row (resumable)
     python benchmarks/ablation.py reselect --select-by worst_judge        # re-pick exports from the curves
     python benchmarks/ablation.py reselect --select-by last               # the end-of-training EMA on the test seeds
@@ -52,7 +52,16 @@ ROWS = {
     "cdm-gaussian": dict(schedule="dynamic", off_trajectory="gaussian"),
     "fixed-cdm": dict(schedule="fixed"),
 }
-ORDER = ["teacher-100", "teacher-100nfe-cfg", "teacher-4", "dmd-fixed", "dynamic-no-cdm", "cdm", "cdm-gaussian"]
+ORDER = [
+    "teacher-100",
+    "teacher-100nfe-cfg",
+    "teacher-4",
+    "teacher-4-shift1",
+    "dmd-fixed",
+    "dynamic-no-cdm",
+    "cdm",
+    "cdm-gaussian",
+]
 
 
 def machine() -> str:
@@ -134,15 +143,30 @@ def cmd_teacher(a) -> None:
     out = Path(a.out)
     seeds = [int(s) for s in a.seeds.split(",")]
     teacher_cfg = json.loads((RESULTS / "teacher.json").read_text())["cfg_selection"]["best_cfg"]
-    specs = [("teacher-100", 100, 1.0), ("teacher-100nfe-cfg", 50, teacher_cfg), ("teacher-4", 4, 1.0)]
-    for name, steps, g in specs:
+    # (name, steps, guidance, shift): None = the teacher's own scheduler shift (3); teacher-4-shift1 is its 4-step
+    # Euler at the levels [1, .75, .5, .25] a cdm.shift=1 student samples at (its best 4-step Euler on validation)
+    specs = [
+        ("teacher-100", 100, 1.0, None),
+        ("teacher-100nfe-cfg", 50, teacher_cfg, None),
+        ("teacher-4", 4, 1.0, None),
+        ("teacher-4-shift1", 4, 1.0, 1.0),
+    ]
+    wanted = set(a.names.split(",")) if a.names else {n for n, *_ in specs}
+    for name, steps, g, shift in specs:
         path = out / "rows" / f"{name}.json"
-        if path.exists():
+        if path.exists() or name not in wanted:
             continue
         t0 = time.time()
-        res = _eval(DEFAULT_TEACHER, steps, g, a.n_samples, seeds, out / "grids" / name)
+        res = _eval(DEFAULT_TEACHER, steps, g, a.n_samples, seeds, out / "grids" / name, shift=shift)
         row = _row(
-            name, res, steps=steps, cfg=g, wall_s=round(time.time() - t0, 1), student_steps=0, s_per_student_step=None
+            name,
+            res,
+            steps=steps,
+            cfg=g,
+            shift=res["shift"],
+            wall_s=round(time.time() - t0, 1),
+            student_steps=0,
+            s_per_student_step=None,
         )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(row, indent=2) + "\n")
@@ -563,6 +587,7 @@ def main() -> None:
         sub.choices[name].add_argument("--select-by", default="worst_judge", choices=sorted(SELECTION))
     r = sub.choices["reselect"]
     r.add_argument("--names", default="", help="comma-separated rows (default: every row under <out>/rows)")
+    sub.choices["teacher"].add_argument("--names", default="", help="comma-separated teacher rows (default: all)")
     r.add_argument("--force", action="store_true", help="redo rows already reselected")
     sub.choices["summarize"].add_argument("--command", default="see benchmarks/ablation.py docstring")
     sub.choices["summarize"].add_argument("--rows", default="rows", help="folder of row files under --out")
