@@ -1,6 +1,7 @@
 """The student against its teacher on the same evaluation set: the rows and the quality gate of ``cdm pipeline``.
 
-Rows: the teacher at the student's step count (4 Euler steps, 4 NFE), the built-in teacher at 100 NFE (50 steps
+Rows: the teacher at the student's step count and levels (4 Euler steps at ``cdm.shift``, 4 NFE; the gate's row),
+its own 4-step Euler when its scheduler's shift differs, the built-in teacher at 100 NFE (50 steps
 x CFG, the paper's reference; cached after its first run) and the exported student; both judges and the
 pixel panel. Selection happened on validation seed ``eval.val_seed`` only; these are the test seeds.
 """
@@ -33,16 +34,29 @@ def comparison_rows(cfg: DistillConfig, summary: dict) -> dict[str, dict]:
     """Evaluate the teacher rows (cached by content) and read the student's test evaluation of the job."""
     from workflows.distill import teacher_path
     from workflows.evaluation import evaluate_cached
+    from workflows.model_folder import read_meta
 
     job_dir = Path(summary["checkpoint"]).parent
     k = cfg.cdm.sampler_steps
     base = dict(n_samples=cfg.eval.n_samples, seeds=cfg.eval.seeds, reference_steps=0)
     teacher = teacher_path(cfg)
+    # the gate's row: the teacher's k Euler steps at the levels the student samples at (cdm.shift); where those
+    # differ from the teacher's own scheduler, its own k steps are shown too (the weaker of the two on this teacher:
+    # ablation.md, "The teacher's 4-step Euler at other time shifts")
+    own = read_meta(teacher).shift
+    at = {} if cfg.cdm.shift == own else {"shift": cfg.cdm.shift}  # None = the folder's own (keeps its cache)
+    tag = "" if cfg.cdm.shift == own else f"-shift{cfg.cdm.shift:g}"
     rows = {
-        f"teacher, {k} Euler steps ({k} NFE)": evaluate_cached(
-            teacher, build(EvalConfig, dict(steps=k, **base)), job_dir / "teacher-4steps-eval"
+        f"teacher, {k} Euler steps at shift {cfg.cdm.shift:g} ({k} NFE)": evaluate_cached(
+            teacher,
+            build(EvalConfig, dict(steps=k, **at, **base)),
+            job_dir / f"teacher-4steps{tag}-eval",
         )
     }
+    if cfg.cdm.shift != own:
+        rows[f"teacher, {k} Euler steps at its own shift {own:g} ({k} NFE)"] = evaluate_cached(
+            teacher, build(EvalConfig, dict(steps=k, **base)), job_dir / "teacher-4steps-eval"
+        )
     if cfg.teacher == "builtin":  # CFG scale the teacher table chose on its validation seed
         rows[f"teacher, 50 steps x CFG {TEACHER_CFG} (100 NFE)"] = evaluate_cached(
             teacher, build(EvalConfig, dict(steps=50, guidance=TEACHER_CFG, **base)), job_dir / "teacher-100nfe-eval"

@@ -32,7 +32,8 @@ def lineage_of(c, name: str, version: str) -> dict:
 
 
 def comparison_grid(cfg: DistillConfig, summary: dict, path: Path) -> Path:
-    """Rows: teacher at 100 NFE, teacher at the student's steps, student; the same prompts and noise in each."""
+    """Rows: teacher at 100 NFE, teacher at the student's steps and levels (the gate's row), student; the same
+    prompts and noise in each."""
     import torch
 
     from workflows.compare import TEACHER_CFG
@@ -49,7 +50,7 @@ def comparison_grid(cfg: DistillConfig, summary: dict, path: Path) -> Path:
     builtin = cfg.teacher == "builtin"
     rows = [
         sample_prompts(teacher, prompts, 1, 50 if builtin else 100, TEACHER_CFG if builtin else 1.0, seed=0),
-        sample_prompts(teacher, prompts, 1, k, 1.0, seed=0),
+        sample_prompts(teacher, prompts, 1, k, 1.0, seed=0, shift=cfg.cdm.shift),
         sample_prompts(summary["student_folder"], prompts, 1, k, 1.0, seed=0),
     ]
     save_grid(torch.cat(rows), path, nrow=len(prompts))

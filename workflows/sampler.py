@@ -44,9 +44,16 @@ def generate(
 
 
 def sample_prompts(
-    model_dir: str | Path, prompts: list[str], n: int, steps: int, guidance: float = 1.0, seed: int = 0
+    model_dir: str | Path,
+    prompts: list[str],
+    n: int,
+    steps: int,
+    guidance: float = 1.0,
+    seed: int = 0,
+    shift: float | None = None,
 ) -> torch.Tensor:
-    """``n`` images per prompt (rows of prompts), noise from ``Generator().manual_seed(seed)``."""
+    """``n`` images per prompt (rows of prompts), noise from ``Generator().manual_seed(seed)``; ``shift`` None = the
+    folder's own scheduler shift."""
     from workflows.embeddings import empty_prompt, encode_prompts
     from workflows.model_folder import load_model
 
@@ -64,7 +71,7 @@ def sample_prompts(
         cond.index(rows),
         empty_prompt().expand(rows.numel()),
         steps,
-        m.meta.shift,
+        m.meta.shift if shift is None else shift,
         guidance,
         batch=rows.numel(),
     )
