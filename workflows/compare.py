@@ -40,22 +40,18 @@ def comparison_rows(cfg: DistillConfig, summary: dict) -> dict[str, dict]:
     k = cfg.cdm.sampler_steps
     base = dict(n_samples=cfg.eval.n_samples, seeds=cfg.eval.seeds, reference_steps=0)
     teacher = teacher_path(cfg)
-    # the gate's row: the teacher's k Euler steps at the levels the student samples at (cdm.shift); where those
-    # differ from the teacher's own scheduler, its own k steps are shown too (the weaker of the two on this teacher:
-    # ablation.md, "The teacher's 4-step Euler at other time shifts")
+    # the gate's row (the first): the teacher's k Euler steps at the levels the student samples at (cdm.shift); where
+    # those differ from the teacher's own scheduler, its own k steps follow (the weaker of the two on the built-in
+    # teacher: ablation.md, "The teacher's 4-step Euler at other time shifts")
     own = read_meta(teacher).shift
-    at = {} if cfg.cdm.shift == own else {"shift": cfg.cdm.shift}  # None = the folder's own (keeps its cache)
-    tag = "" if cfg.cdm.shift == own else f"-shift{cfg.cdm.shift:g}"
-    rows = {
-        f"teacher, {k} Euler steps at shift {cfg.cdm.shift:g} ({k} NFE)": evaluate_cached(
+    rows = {}
+    for shift in dict.fromkeys([cfg.cdm.shift, own]):
+        mine = shift == own  # shift None = the folder's own, which keeps the cache of the earlier single row
+        where = f"at its own shift {own:g}" if mine and shift != cfg.cdm.shift else f"at shift {shift:g}"
+        rows[f"teacher, {k} Euler steps {where} ({k} NFE)"] = evaluate_cached(
             teacher,
-            build(EvalConfig, dict(steps=k, **at, **base)),
-            job_dir / f"teacher-4steps{tag}-eval",
-        )
-    }
-    if cfg.cdm.shift != own:
-        rows[f"teacher, {k} Euler steps at its own shift {own:g} ({k} NFE)"] = evaluate_cached(
-            teacher, build(EvalConfig, dict(steps=k, **base)), job_dir / "teacher-4steps-eval"
+            build(EvalConfig, dict(steps=k, shift=None if mine else shift, **base)),
+            job_dir / ("teacher-4steps-eval" if mine else f"teacher-4steps-shift{shift:g}-eval"),
         )
     if cfg.teacher == "builtin":  # CFG scale the teacher table chose on its validation seed
         rows[f"teacher, 50 steps x CFG {TEACHER_CFG} (100 NFE)"] = evaluate_cached(
