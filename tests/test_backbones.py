@@ -34,6 +34,13 @@ def test_loader_opens_both_pipelines_with_their_family_and_latent_shape(tiny_fol
     assert lc.family.name == "longcat" and lc.meta.latent and lc.shape == (16, 8, 8)
 
 
+def test_only_the_longcat_scheduler_shifts_by_image_size(tiny_folders):
+    # compare.py gives a teacher a second 4-step row "at its own shift" only when it has one static shift
+    from workflows.model_folder import dynamic_shifting
+
+    assert dynamic_shifting(tiny_folders["longcat"]) and not dynamic_shifting(tiny_folders["sd3"])
+
+
 def test_longcat_velocity_equals_the_pipeline_call_on_packed_latents(tiny_folders):
     from diffusers import LongCatImagePipeline
 

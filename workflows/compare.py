@@ -34,7 +34,7 @@ def comparison_rows(cfg: DistillConfig, summary: dict) -> dict[str, dict]:
     """Evaluate the teacher rows (cached by content) and read the student's test evaluation of the job."""
     from workflows.distill import teacher_path
     from workflows.evaluation import evaluate_cached
-    from workflows.model_folder import read_meta
+    from workflows.model_folder import dynamic_shifting, read_meta
 
     job_dir = Path(summary["checkpoint"]).parent
     k = cfg.cdm.sampler_steps
@@ -42,11 +42,12 @@ def comparison_rows(cfg: DistillConfig, summary: dict) -> dict[str, dict]:
     teacher = teacher_path(cfg)
     # the gate's row (the first): the teacher's k Euler steps at the levels the student samples at (cdm.shift); where
     # those differ from the teacher's own scheduler, its own k steps follow (the weaker of the two on the built-in
-    # teacher: ablation.md, "The teacher's 4-step Euler at other time shifts")
-    own = read_meta(teacher).shift
+    # teacher: ablation.md, "The teacher's 4-step Euler at other time shifts"). A scheduler that shifts by the image
+    # size (LongCat) has no one shift of its own: its static field is not what it samples at, so no second row.
+    own, dyn = read_meta(teacher).shift, dynamic_shifting(teacher)
     rows = {}
-    for shift in dict.fromkeys([cfg.cdm.shift, own]):
-        mine = shift == own  # shift None = the folder's own, which keeps the cache of the earlier single row
+    for shift in dict.fromkeys([cfg.cdm.shift] if dyn else [cfg.cdm.shift, own]):
+        mine = shift == own and not dyn  # shift None = the folder's own, which keeps the cache of the earlier row
         where = f"at its own shift {own:g}" if mine and shift != cfg.cdm.shift else f"at shift {shift:g}"
         rows[f"teacher, {k} Euler steps {where} ({k} NFE)"] = evaluate_cached(
             teacher,

@@ -105,6 +105,13 @@ def read_meta(path: str | Path) -> ModelMeta:
     return meta
 
 
+def dynamic_shifting(path: str | Path) -> bool:
+    """Whether the folder's scheduler shifts its levels by the image size (``use_dynamic_shifting``, FLUX and
+    LongCat): its static ``shift`` is then not the shift it samples at."""
+    sched = check_model_folder(path) / "scheduler" / "scheduler_config.json"
+    return sched.exists() and bool(json.loads(sched.read_text()).get("use_dynamic_shifting", False))
+
+
 def class_name_of(path: str | Path) -> str:
     """The diffusers class of a folder's transformer, checked against the families this platform knows."""
     p = check_model_folder(path)
