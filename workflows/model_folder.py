@@ -99,17 +99,20 @@ def read_meta(path: str | Path) -> ModelMeta:
             meta = ModelMeta.from_dict({**vars(meta), **json.loads(meta_path.read_text())})
         except json.JSONDecodeError as e:
             raise ModelFolderError(f"{meta_path} is not valid JSON: {e}") from None
-    sched = p / "scheduler" / "scheduler_config.json"
-    if sched.exists():
-        meta.shift = float(json.loads(sched.read_text()).get("shift", meta.shift))
+    meta.shift = float(_scheduler_config(p).get("shift", meta.shift))
     return meta
+
+
+def _scheduler_config(folder: Path) -> dict:
+    """The folder's ``scheduler/scheduler_config.json``, or ``{}`` where it has none."""
+    sched = folder / "scheduler" / "scheduler_config.json"
+    return json.loads(sched.read_text()) if sched.exists() else {}
 
 
 def dynamic_shifting(path: str | Path) -> bool:
     """Whether the folder's scheduler shifts its levels by the image size (``use_dynamic_shifting``, FLUX and
     LongCat): its static ``shift`` is then not the shift it samples at."""
-    sched = check_model_folder(path) / "scheduler" / "scheduler_config.json"
-    return sched.exists() and bool(json.loads(sched.read_text()).get("use_dynamic_shifting", False))
+    return bool(_scheduler_config(check_model_folder(path)).get("use_dynamic_shifting", False))
 
 
 def class_name_of(path: str | Path) -> str:
