@@ -18,7 +18,7 @@ def schedule_seed(seed: int, step: int) -> int:
 def rank_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
     """Per-(seed, rank, step) seed of one stream of the CDM step, different on each rank.
 
-    Streams: 0 = noise and noise levels, 1 = anchor indices, 2 = fake-mix draws.
+    Streams: 0 = noise and noise levels, 1 = anchor indices, 2 = fake-mix draws, 3 = fake-final draws.
     """
     return (int(seed) * 1_000_003 + int(rank) * 999_983 + int(step) * 7_919 + int(stream) * 104_729 + 777) % _MOD
 

@@ -35,6 +35,12 @@ class CDMConfig:
     so 0.1 would bind at most noise levels). ``fake_mix``: share of the fake teacher's batch taken from the
     off-trajectory estimates ``x0_hat'`` (built by velocity extrapolation, as L_CDM's default builds them), instead
     of the anchor estimates ``x0_hat_i`` (0 = the authors' code; costs one student forward without gradient).
+    ``fake_final``: share of the fake teacher's batch taken from the rollout's final sample (the clean estimate at
+    the last anchor, what the student outputs) instead; drawn first, ``fake_mix`` applies to the rest. Anchor and
+    off-trajectory estimates pool the student's clean estimates over all noise levels, the blurry early ones with
+    the sharp late ones, so ``D_R - D_F`` at a late estimate can keep pointing sharper than the output already
+    is; a fake teacher of the final samples scores the distribution the student is judged on (a variant outside
+    the authors' code; the rollout then runs to the last anchor, at most a few student forwards without gradient).
     ``ca_tau_max``: CA's own upper clamp, a guidance interval (guidance left out at the highest noise levels, where
     it sets global intensity and contrast) while DM, the fake teacher and ``t'`` keep ``[tau_min, tau_max]``; None =
     ``tau_max``, which then bounds every sampled level as before.
@@ -67,6 +73,12 @@ class CDMConfig:
         le=1.0,
         description="share of the fake teacher's batch taken from off-trajectory estimates (0 = authors' code)",
     )
+    fake_final: float = knob(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of the fake teacher's batch taken from the rollout's final sample (0 = authors' code)",
+    )
     tau_min: float = knob(0.02, gt=0.0, lt=1.0)
     tau_max: float = knob(0.98, gt=0.0, lt=1.0)
     ca_tau_max: float | None = knob(
@@ -93,6 +105,8 @@ class CDMConfig:
             raise ValueError(f"gaussian_base must be final or anchor, got {self.gaussian_base!r}")
         if not 0.0 <= self.fake_mix <= 1.0:
             raise ValueError(f"fake_mix must be in [0, 1], got {self.fake_mix}")
+        if not 0.0 <= self.fake_final <= 1.0:
+            raise ValueError(f"fake_final must be in [0, 1], got {self.fake_final}")
         if not self.norm_floor > 0.0:
             raise ValueError(f"norm_floor must be > 0, got {self.norm_floor}")
         if min(self.n_max, self.update_ratio, self.fixed_steps, self.sampler_steps) < 1:
@@ -175,8 +189,8 @@ class CDMStep:
         randn = lambda: torch.randn(shape, generator=g, device=device, dtype=dtype)  # noqa: E731
         sched = self.schedule(iteration)
         anchors = pick_anchors(sched, b, g_cpu)
-        need_final = c.use_cdm and (
-            c.target == "final" or (c.off_trajectory == "gaussian" and c.gaussian_base == "final")
+        need_final = c.fake_final > 0.0 or (
+            c.use_cdm and (c.target == "final" or (c.off_trajectory == "gaussian" and c.gaussian_base == "final"))
         )
         roll = backward_simulation(
             self.student.velocity, randn(), sched.sigmas, anchors, cond, need_final, self.sync_depth
@@ -189,8 +203,10 @@ class CDMStep:
 
         # fake teacher: denoise the student's current samples; then blend toward the student
         x0_fake = roll.x0_hat
-        if c.fake_mix > 0.0:
+        if c.fake_mix > 0.0 and c.fake_final < 1.0:
             x0_fake = self._mix_off_trajectory(roll, cond, iteration, device)
+        if c.fake_final > 0.0:
+            x0_fake = self._mix_final(roll, x0_fake, iteration, device)
         lf = fake_loss(self.fake.velocity, x0_fake, randn(), self._uniform(b, g, device), cond)
         r = self.fake.apply(lf.loss)
         m.update(lf.log("fake"))
@@ -215,6 +231,14 @@ class CDMStep:
         x_off = euler_step(roll.x, roll.t, t_off, roll.v)
         x0_off = x0_from_velocity(x_off, t_off, self.student.velocity(x_off, t_off, cond))
         return torch.where(pick.view(-1, *[1] * (roll.x.ndim - 1)), x0_off, roll.x0_hat)
+
+    def _mix_final(self, roll, x0_fake: torch.Tensor, iteration: int, device) -> torch.Tensor:
+        """Replace a ``fake_final`` share of the fake teacher's samples by the rollout's final sample, picked from a
+        stream of its own (so ``fake_final`` 0 leaves every other draw as it was)."""
+        b = roll.x.shape[0]
+        g = torch.Generator(device=device).manual_seed(rank_seed(self.cfg.seed, self.rank, iteration, stream=3))
+        pick = torch.rand(b, generator=g, device=device) < self.cfg.fake_final
+        return torch.where(pick.view(-1, *[1] * (roll.x.ndim - 1)), roll.final_x0_hat, x0_fake)
 
     def _student_step(self, roll, cond, uncond, b, g, device, randn) -> dict[str, float]:
         c = self.cfg

@@ -109,6 +109,7 @@ def test_student_gradient_is_zero_when_all_three_coincide_and_alpha_zero():
         dict(target="final"),
         dict(off_trajectory="gaussian", gaussian_base="anchor"),
         dict(fake_mix=0.5, norm_floor=0.01),
+        dict(fake_final=0.5, fake_mix=0.5, use_cdm=False),
         dict(use_ca=False, use_dm=False),
         dict(use_ca=True, use_dm=False, use_cdm=False),
         dict(w_ca=0.5, w_dm=2.0, w_cdm=0.1, alpha=0.25, update_ratio=3),
@@ -164,6 +165,22 @@ def test_fake_mix_trains_the_fake_teacher_on_off_trajectory_estimates():
         runs[mix] = (res[0].metrics["loss/fake"], [p.detach().clone() for p in fake.parameters()])
     assert runs[0.0][0] != runs[1.0][0]
     assert any(not torch.equal(a, b) for a, b in zip(runs[0.0][1], runs[1.0][1]))
+
+
+def test_fake_final_trains_the_fake_teacher_on_the_rollouts_final_sample():
+    # fake_final 1 feeds the fake teacher the student's final samples: the rollout then reaches the last anchor
+    seen = {}
+    for share in (0.0, 1.0):
+        step, _, fake, _ = _make(
+            CDMConfig(schedule="fixed", alpha=1.0, update_ratio=2, fake_final=share, use_cdm=False)
+        )
+        res = _run(step, 1)
+        seen[share] = (res[0].metrics, [p.detach().clone() for p in fake.parameters()])
+    assert seen[0.0][0]["loss/fake"] != seen[1.0][0]["loss/fake"]
+    assert seen[1.0][0]["nfe/rollout"] == seen[1.0][0]["schedule/n"] >= seen[0.0][0]["nfe/rollout"]
+    assert any(not torch.equal(a, b) for a, b in zip(seen[0.0][1], seen[1.0][1]))
+    with pytest.raises(ValueError, match="fake_final"):
+        CDMConfig(fake_final=1.5)
 
 
 def _teacher_levels(cfg, iters=6):
