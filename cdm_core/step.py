@@ -36,11 +36,12 @@ class CDMConfig:
     off-trajectory estimates ``x0_hat'`` (built by velocity extrapolation, as L_CDM's default builds them), instead
     of the anchor estimates ``x0_hat_i`` (0 = the authors' code; costs one student forward without gradient).
     ``fake_final``: share of the fake teacher's batch taken from the rollout's final sample (the clean estimate at
-    the last anchor, what the student outputs) instead; drawn first, ``fake_mix`` applies to the rest. Anchor and
-    off-trajectory estimates pool the student's clean estimates over all noise levels, the blurry early ones with
-    the sharp late ones, so ``D_R - D_F`` at a late estimate can keep pointing sharper than the output already
-    is; a fake teacher of the final samples scores the distribution the student is judged on (a variant outside
-    the authors' code; the rollout then runs to the last anchor, at most a few student forwards without gradient).
+    the last anchor, what the student outputs) instead, over the whole batch; ``fake_mix`` applies to the rest.
+    Anchor and off-trajectory estimates pool the student's clean estimates over all noise levels, the blurry
+    early ones with the sharp late ones, so ``D_R - D_F`` at a late estimate can keep pointing sharper than the
+    output already is; a fake teacher of the final samples scores the distribution the student is judged on (a
+    variant outside the authors' code; the rollout then runs to the last anchor, at most a few student forwards
+    without gradient).
     ``ca_tau_max``: CA's own upper clamp, a guidance interval (guidance left out at the highest noise levels, where
     it sets global intensity and contrast) while DM, the fake teacher and ``t'`` keep ``[tau_min, tau_max]``; None =
     ``tau_max``, which then bounds every sampled level as before.
@@ -219,26 +220,29 @@ class CDMStep:
             m.update(self._student_step(roll, cond, uncond, b, g, device, randn))
         return StepResult(iteration, sched.n, update, m)
 
+    def _share(self, share: float, stream: int, iteration: int, like: torch.Tensor, device):
+        """Which samples of the batch ``like`` a ``share`` replaces (a mask that broadcasts against it), drawn from
+        this iteration's stream ``stream``; and that stream's generator, for the caller's further draws."""
+        b = like.shape[0]
+        g = torch.Generator(device=device).manual_seed(rank_seed(self.cfg.seed, self.rank, iteration, stream=stream))
+        pick = torch.rand(b, generator=g, device=device) < share
+        return pick.view(-1, *[1] * (like.ndim - 1)), g
+
     @torch.no_grad()
     def _mix_off_trajectory(self, roll, cond: Cond, iteration: int, device) -> torch.Tensor:
         """Replace a ``fake_mix`` share of the anchor estimates by off-trajectory ones, built as L_CDM builds
         them (``x' = x + (t' - t) v_roll``, ``x0_hat' = x' - t' G(x', t')``), from a stream of its own."""
-        c = self.cfg
-        b = roll.x.shape[0]
-        g = torch.Generator(device=device).manual_seed(rank_seed(c.seed, self.rank, iteration, stream=2))
-        pick = torch.rand(b, generator=g, device=device) < c.fake_mix
-        t_off = self._uniform(b, g, device)
+        pick, g = self._share(self.cfg.fake_mix, 2, iteration, roll.x, device)
+        t_off = self._uniform(roll.x.shape[0], g, device)
         x_off = euler_step(roll.x, roll.t, t_off, roll.v)
         x0_off = x0_from_velocity(x_off, t_off, self.student.velocity(x_off, t_off, cond))
-        return torch.where(pick.view(-1, *[1] * (roll.x.ndim - 1)), x0_off, roll.x0_hat)
+        return torch.where(pick, x0_off, roll.x0_hat)
 
     def _mix_final(self, roll, x0_fake: torch.Tensor, iteration: int, device) -> torch.Tensor:
         """Replace a ``fake_final`` share of the fake teacher's samples by the rollout's final sample, picked from a
         stream of its own (so ``fake_final`` 0 leaves every other draw as it was)."""
-        b = roll.x.shape[0]
-        g = torch.Generator(device=device).manual_seed(rank_seed(self.cfg.seed, self.rank, iteration, stream=3))
-        pick = torch.rand(b, generator=g, device=device) < self.cfg.fake_final
-        return torch.where(pick.view(-1, *[1] * (roll.x.ndim - 1)), roll.final_x0_hat, x0_fake)
+        pick, _ = self._share(self.cfg.fake_final, 3, iteration, roll.x, device)
+        return torch.where(pick, roll.final_x0_hat, x0_fake)
 
     def _student_step(self, roll, cond, uncond, b, g, device, randn) -> dict[str, float]:
         c = self.cfg
